@@ -1,0 +1,285 @@
+"""Megatron-style command line for every entry point, plus the --mm-* JSON configs.
+
+`parse_args(argv, entry)` accepts every flag the seed's launchers pass, loads
+`--mm-data/--mm-model/--mm-tool` into typed configs (`args.mm.data/model/tool`), and runs
+`validate_args` before any model is built. Errors name the flag or the file and key, and
+say what to do. An unknown flag is an error with the closest valid flag suggested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from .config.base import ConfigError, load_config
+from .config.data import MMDataConfig
+from .config.model import MMModelConfig
+from .config.tool import MMToolConfig
+from .runtime.initialize import ParallelConfigError, validate_parallel_layout
+
+ENTRY_POINTS = ("pretrain", "inference", "dpo", "feature_extract", "generic")
+
+
+class ArgumentError(ValueError):
+    """A command line that cannot run; the message names the flags and the fix."""
+
+
+@dataclass
+class MMConfigs:
+    data: Optional[MMDataConfig] = None
+    model: Optional[MMModelConfig] = None
+    tool: Optional[MMToolConfig] = None
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-algo", default="ulysses_cp_algo")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--distributed-backend", default="nccl", choices=["nccl", "hccl", "gloo"])
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                   help="accepted from older launchers; LOCAL_RANK from torchrun is what is used")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="constant", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--num-workers", type=int, default=2)
+
+    g = p.add_argument_group("precision and memory")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--allow-tf32", action="store_true")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+
+    g = p.add_argument_group("DPO")
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--dpo-label-smoothing", type=float, default=0.0)
+    g.add_argument("--pref-ftx", type=float, default=0.0)
+
+
+def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--load", default=None)
+    g.add_argument("--save", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the model weights from --load and start at iteration 0")
+    g.add_argument("--ckpt-format", default="torch", choices=["torch"])
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=0)
+    g.add_argument("--tensorboard-dir", default=None)
+
+    g = p.add_argument_group("multimodal configs")
+    g.add_argument("--mm-data", default=None, help="dataset JSON")
+    g.add_argument("--mm-model", default=None, help="model JSON")
+    g.add_argument("--mm-tool", default=None, help="tools JSON (profiling, feature extraction)")
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+                                     description="mindspeed_mm (StepVideo on Megatron-core)")
+    _add_parallel(parser)
+    _add_training(parser)
+    _add_checkpoint_and_logging(parser)
+    return parser
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> List[str]:
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
+    flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+    if not unknown:
+        return
+    if not flags:
+        raise ArgumentError(f"unexpected positional argument(s) {' '.join(unknown)}; every option is a --flag.")
+    known = _known_flags(parser)
+    lines = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        lines.append(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "."))
+    raise ArgumentError(" ".join(lines) + " Run with --help for the list of flags.")
+
+
+def load_mm_configs(args: argparse.Namespace) -> MMConfigs:
+    return MMConfigs(
+        data=load_config(MMDataConfig, args.mm_data, "--mm-data") if args.mm_data else None,
+        model=load_config(MMModelConfig, args.mm_model, "--mm-model") if args.mm_model else None,
+        tool=load_config(MMToolConfig, args.mm_tool, "--mm-tool") if args.mm_tool else None,
+    )
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, entry: str = "generic",
+               world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse, load the JSON configs into `args.mm`, and validate; see the module docstring."""
+    if entry not in ENTRY_POINTS:
+        raise ValueError(f"entry {entry!r} is not one of {ENTRY_POINTS}")
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    _reject_unknown(parser, unknown)
+    args.entry = entry
+    args.mm = load_mm_configs(args)
+    validate_args(args, world_size=world_size)
+    return args
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+
+def _world_size(world_size: Optional[int]) -> int:
+    if world_size is not None:
+        return world_size
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_path(path: Optional[str], where: str, fix: str) -> None:
+    if path and not os.path.exists(path):
+        raise ConfigError(f"{where}: '{path}' does not exist. {fix}")
+
+
+def _check_config_paths(args: argparse.Namespace) -> None:
+    model, data = args.mm.model, args.mm.data
+    weights_fix = "Download the weights (see docs/weights.md) or correct the path."
+    if model is not None:
+        src = args.mm_model
+        if model.predictor is not None and model.predictor.from_pretrained:
+            _check_path(model.predictor.from_pretrained, f"{src}: predictor.from_pretrained", weights_fix)
+        if model.ae is not None and not model.load_video_features:
+            _check_path(model.ae.from_pretrained, f"{src}: ae.from_pretrained", weights_fix)
+        if model.text_encoder and not model.load_text_features:
+            for i, enc in enumerate(model.text_encoder):
+                _check_path(enc.from_pretrained, f"{src}: text_encoder[{i}].from_pretrained", weights_fix)
+        for i, tok in enumerate(model.tokenizer or []):
+            _check_path(tok.from_pretrained, f"{src}: tokenizer[{i}].from_pretrained", weights_fix)
+        if model.dpo is not None:
+            _check_path(model.dpo.histogram_path, f"{src}: dpo.histogram_path",
+                        "Run examples/stepvideo/histgram_generator.py first, or correct the path.")
+        if args.entry == "inference":
+            _check_path(model.prompt, f"{src}: prompt", "Point it at a text file with one prompt per line.")
+            _check_path(model.image, f"{src}: image", "Point it at a text file with one image path per line.")
+    if data is not None:
+        src = args.mm_data
+        basic = data.dataset_param.basic_parameters
+        _check_path(basic.data_path, f"{src}: dataset_param.basic_parameters.data_path",
+                    "Point it at your data.jsonl (see docs/data.md).")
+        _check_path(basic.data_folder, f"{src}: dataset_param.basic_parameters.data_folder",
+                    "Point it at the folder the 'file' entries of data.jsonl are relative to.")
+        if data.dataset_param.dataset_type != "feature":
+            for i, tok in enumerate(data.dataset_param.tokenizer_config or []):
+                _check_path(tok.from_pretrained, f"{src}: dataset_param.tokenizer_config[{i}].from_pretrained",
+                            "Download the weights (see docs/weights.md) or correct the path.")
+
+
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
+    """Cheap checks that must pass before any model is built."""
+    tp, cp, pp = args.tensor_model_parallel_size, args.context_parallel_size, args.pipeline_model_parallel_size
+    world = _world_size(world_size)
+    try:
+        layout = validate_parallel_layout(world, tp, cp, pp)
+    except ParallelConfigError as exc:
+        raise ArgumentError(str(exc)) from None
+    vpp = args.virtual_pipeline_model_parallel_size
+    if vpp not in (None, 1):
+        raise ArgumentError(
+            f"--virtual-pipeline-model-parallel-size {vpp} needs pipeline parallelism, which is not supported; "
+            f"use 1 or drop the flag."
+        )
+    if args.context_parallel_algo != "ulysses_cp_algo":
+        raise ArgumentError(
+            f"--context-parallel-algo {args.context_parallel_algo} is not supported; StepVideo uses "
+            f"Ulysses context parallel: pass --context-parallel-algo ulysses_cp_algo."
+        )
+    if args.sequence_parallel:
+        raise ArgumentError("--sequence-parallel is not supported for StepVideo; use --context-parallel-size instead.")
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are mutually exclusive; StepVideo is trained in bf16: keep --bf16.")
+    if args.micro_batch_size < 1:
+        raise ArgumentError(f"--micro-batch-size {args.micro_batch_size} must be at least 1.")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * layout.data
+    per_step = args.micro_batch_size * layout.data
+    if args.global_batch_size % per_step != 0:
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {layout.data} (= world {world} / (TP {tp} x CP {cp} x "
+            f"PP {pp})) = {per_step}; use a multiple of {per_step}."
+        )
+    args.data_parallel_size = layout.data
+    args.num_micro_batches = args.global_batch_size // per_step
+    _validate_recompute(args)
+    model = args.mm.model
+    if model is not None and model.predictor is not None:
+        heads = model.predictor.num_heads
+        if heads % (tp * cp) != 0:
+            raise ArgumentError(
+                f"num_heads {heads} in {args.mm_model} (predictor.num_heads) is not divisible by "
+                f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} = {tp * cp}; choose TP and CP "
+                f"whose product divides {heads}."
+            )
+    if args.entry in ("pretrain", "dpo"):
+        if args.mm.model is None or args.mm.data is None:
+            raise ArgumentError(f"{args.entry} needs --mm-model and --mm-data.")
+        if args.train_iters is None or args.train_iters < 1:
+            raise ArgumentError("--train-iters must be given and at least 1 for training.")
+        if args.lr is None:
+            raise ArgumentError("--lr must be given for training.")
+    if args.entry == "inference" and args.mm.model is None:
+        raise ArgumentError("inference needs --mm-model.")
+    if args.load is not None and not os.path.exists(args.load):
+        raise ArgumentError(
+            f"--load {args.load} does not exist. Point LOAD_PATH at the folder the converter wrote "
+            f"(it holds latest_checkpointed_iteration.txt), or drop --load to start from random weights."
+        )
+    _check_config_paths(args)
+
+
+def _validate_recompute(args: argparse.Namespace) -> None:
+    gran, method, layers = args.recompute_granularity, args.recompute_method, args.recompute_num_layers
+    if gran == "selective":
+        raise ArgumentError("--recompute-granularity selective is not supported for StepVideo; use full.")
+    if gran is None and (method is not None or layers is not None):
+        raise ArgumentError(
+            "--recompute-method/--recompute-num-layers need --recompute-granularity full."
+        )
+    if gran == "full":
+        if method is None:
+            raise ArgumentError("--recompute-granularity full needs --recompute-method block or uniform.")
+        if layers is None or layers < 1:
+            raise ArgumentError("--recompute-granularity full needs --recompute-num-layers N (N >= 1).")

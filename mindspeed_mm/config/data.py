@@ -1,0 +1,66 @@
+"""Typed schema of the `--mm-data` JSON (raw-video, feature and DPO datasets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional
+
+from .model import TokenizerConfig
+
+
+@dataclass
+class BasicParameters:
+    data_path: str
+    data_folder: str = ""
+    data_storage_mode: Literal["standard", "combine"] = "standard"
+
+
+@dataclass
+class PreprocessParameters:
+    video_processor_type: Literal["CogVideoXProcessor"] = "CogVideoXProcessor"
+    # "PyAVVideo" is an extension: the reader used where decord has no wheel (aarch64).
+    video_reader_type: Literal["DecordVideo", "PyAVVideo"] = "DecordVideo"
+    train_fps: int = 8
+    skip_frame_num: int = 0
+    num_frames: int = 136
+    max_height: int = 544
+    max_width: int = 992
+    train_pipeline: Dict[str, Any] = field(default_factory=lambda: {"video": [], "image": []})
+
+    def validate(self) -> None:
+        for name in ("train_fps", "num_frames", "max_height", "max_width"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.skip_frame_num < 0:
+            raise ValueError(f"skip_frame_num must be non-negative, got {self.skip_frame_num}.")
+
+
+@dataclass
+class DatasetParam:
+    dataset_type: Literal["t2v", "i2v", "feature"]
+    basic_parameters: BasicParameters
+    preprocess_parameters: Optional[PreprocessParameters] = None
+    skip_define_frame_index: bool = False
+    use_text_processer: bool = True
+    enable_text_preprocessing: bool = False
+    tokenizer_config: Optional[List[TokenizerConfig]] = None
+
+
+@dataclass
+class DataloaderParam:
+    dataloader_mode: Literal["sampler"] = "sampler"
+    sampler_type: Literal["SequentialSampler", "RandomSampler"] = "SequentialSampler"
+    shuffle: bool = False
+    drop_last: bool = True
+    pin_memory: bool = True
+    group_frame: bool = False
+    group_resolution: bool = False
+    collate_param: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MMDataConfig:
+    """The whole `--mm-data` file."""
+
+    dataset_param: DatasetParam
+    dataloader_param: DataloaderParam = field(default_factory=DataloaderParam)

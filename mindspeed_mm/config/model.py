@@ -1,0 +1,200 @@
+"""Typed schema of the `--mm-model` JSON (pretrain, inference, DPO and feature extraction).
+
+Key names are the seed's (MindSpeed-MM's StepVideo example configs). Keys we added are
+marked "extension"; nothing of the seed's is renamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+import torch
+
+DtypeName = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a config dtype name ("bf16", "float32", ...)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(_DTYPES)}") from None
+
+
+@dataclass
+class PredictorConfig:
+    """The StepVideo DiT (`predictor` section). Defaults are the released 30B model."""
+
+    model_id: Literal["stepvideodit"] = "stepvideodit"
+    from_pretrained: Optional[str] = None
+    dtype: DtypeName = "bf16"
+    num_layers: int = 48
+    num_heads: int = 48
+    head_dim: int = 128
+    channel_split: List[int] = field(default_factory=lambda: [64, 32, 32])
+    in_channels: int = 64
+    out_channels: int = 64
+    dropout: float = 0.0
+    patch_size: int = 1
+    patch_size_thw: List[int] = field(default_factory=lambda: [1, 1, 1])
+    norm_type: Literal["ada_norm_single"] = "ada_norm_single"
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-6
+    attention_norm_type: Literal["rmsnorm"] = "rmsnorm"
+    attention_norm_elementwise_affine: bool = True
+    attention_norm_eps: float = 1e-6
+    fa_layout: Literal["bsnd"] = "bsnd"
+    use_additional_conditions: bool = False
+    caption_channels: List[int] = field(default_factory=lambda: [6144, 1024])
+    # Accepted for compatibility with the seed's i2v inference JSON; it has no effect.
+    masked_softmax_fusion: bool = False
+    # extension: "auto" picks npu fusion attention / flash-attn / SDPA by device.
+    attention_backend: Literal["auto", "sdpa", "flash", "npu"] = "auto"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def validate(self) -> None:
+        if sum(self.channel_split) != self.head_dim:
+            raise ValueError(
+                f"channel_split {self.channel_split} must sum to head_dim {self.head_dim} "
+                f"(frame, row and column RoPE widths)."
+            )
+        if len(self.channel_split) != 3 or any(c % 2 for c in self.channel_split):
+            raise ValueError(f"channel_split {self.channel_split} must be three even widths (frame, row, column).")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size {self.patch_size} must be at least 1.")
+        if list(self.patch_size_thw) != [1, self.patch_size, self.patch_size]:
+            raise ValueError(
+                f"patch_size_thw {self.patch_size_thw} must be [1, patch_size, patch_size] = "
+                f"[1, {self.patch_size}, {self.patch_size}]: StepVideo patchifies each latent frame on its own."
+            )
+        if len(self.caption_channels) != 2:
+            raise ValueError(f"caption_channels {self.caption_channels} must be [step_llm width, clip width].")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} must be in [0, 1).")
+
+
+@dataclass
+class I2VProcessorConfig:
+    processor_id: Literal["stepvideo_i2v_processor"] = "stepvideo_i2v_processor"
+
+
+@dataclass
+class AEConfig:
+    """The StepVideo Video-VAE (`ae` section)."""
+
+    model_id: Literal["stepvideovae"] = "stepvideovae"
+    from_pretrained: Optional[str] = None
+    dtype: DtypeName = "bf16"
+    z_channels: int = 64
+    frame_len: int = 17
+    version: Literal[1, 2] = 2
+    i2v_processor: Optional[I2VProcessorConfig] = None
+    # extensions: widths (official defaults) so tests can build tiny VAEs, and tiling.
+    encoder_ch: int = 32
+    encoder_ch_mult: List[int] = field(default_factory=lambda: [4, 8, 16, 16])
+    decoder_ch: int = 128
+    decoder_ch_mult: List[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    use_tiling: bool = False
+    tile_sample_size: int = 256
+    tile_overlap: int = 64
+
+
+@dataclass
+class TextEncoderConfig:
+    """One entry of the `text_encoder` list."""
+
+    model_id: Literal["StepLLmModel", "BertModel"]
+    from_pretrained: str
+    hub_backend: Literal["hf"] = "hf"
+    dtype: DtypeName = "bf16"
+
+
+@dataclass
+class TokenizerConfig:
+    """One entry of `tokenizer` (model JSON) or `tokenizer_config` (data JSON)."""
+
+    autotokenizer_name: Literal["stepchat", "BertTokenizer"]
+    from_pretrained: str
+    hub_backend: Literal["hf"] = "hf"
+    model_max_length: int = 320
+
+
+@dataclass
+class DiffusionConfig:
+    """Flow matching (`diffusion` section)."""
+
+    model_id: Literal["flow_match_discrete_scheduler"] = "flow_match_discrete_scheduler"
+    num_train_timesteps: int = 1000
+    num_inference_timesteps: Optional[int] = None
+    shift: float = 13.0
+    reverse: bool = False
+    solver: Literal["euler"] = "euler"
+
+
+@dataclass
+class PipelineConfig:
+    """Inference pipeline settings (`pipeline_config` section)."""
+
+    version: str = "stepvideo"
+    use_attention_mask: bool = True
+    input_size: List[int] = field(default_factory=lambda: [204, 544, 992])
+    guidance_scale: float = 9.0
+    model_type: Literal["t2v", "i2v"] = "t2v"
+    motion_score: float = 5.0
+
+    def validate(self) -> None:
+        if len(self.input_size) != 3:
+            raise ValueError(f"input_size {self.input_size} must be [frames, height, width].")
+
+
+@dataclass
+class DPOConfig:
+    histogram_path: str
+    weight_alpha: float = 0.0
+    weight_beta: Optional[float] = None
+    loss_beta: float = 2000.0
+
+
+@dataclass
+class PatchConfig:
+    ae_float32: bool = False
+
+
+@dataclass
+class MMModelConfig:
+    """The whole `--mm-model` file; which sections are required depends on the entry point."""
+
+    task: Optional[Literal["t2v", "i2v"]] = None
+    load_video_features: bool = False
+    load_text_features: bool = False
+    enable_encoder_dp: bool = False
+    predictor: Optional[PredictorConfig] = None
+    diffusion: Optional[DiffusionConfig] = None
+    text_encoder: Optional[List[TextEncoderConfig]] = None
+    tokenizer: Optional[List[TokenizerConfig]] = None
+    ae: Optional[AEConfig] = None
+    dpo: Optional[DPOConfig] = None
+    patch: Optional[PatchConfig] = None
+    pipeline_config: Optional[PipelineConfig] = None
+    unload_text_encoder: bool = False
+    frame_interval: int = 1
+    save_path: Optional[str] = None
+    fps: int = 25
+    prompt: Optional[str] = None
+    image: Optional[str] = None
+    num_inference_videos_per_sample: int = 1
+    use_prompt_preprocess: bool = False
+    pipeline_class: Literal["StepVideoPipeline"] = "StepVideoPipeline"
+    device: Literal["npu", "cuda", "cpu", "auto"] = "auto"
+    dtype: DtypeName = "bf16"

@@ -1,0 +1,5 @@
+"""Model registry and the StepVideo models (DiT, VAE, text encoders)."""
+
+from .registry import get_model_class, register_model, registered_model_ids
+
+__all__ = ["get_model_class", "register_model", "registered_model_ids"]

@@ -1,0 +1,1 @@
+"""Diffusion transformers (the StepVideo DiT)."""
