@@ -56,7 +56,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", default="constant", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-style", default="constant",
+                   choices=["constant", "linear", "cosine", "inverse-square-root"])
     g.add_argument("--lr-decay-iters", type=int, default=None)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)

@@ -13,7 +13,6 @@ import difflib
 import json
 import os
 import types
-import typing
 from typing import Any, Dict, Literal, Type, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
@@ -169,7 +168,9 @@ def load_json(path: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what}: '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from exc
+        raise ConfigError(
+            f"{what}: '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
+        ) from exc
 
 
 def load_config(cls: Type[T], path: str, what: str) -> T:
