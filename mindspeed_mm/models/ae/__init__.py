@@ -1,0 +1,1 @@
+"""The StepVideo Video-VAE (v2 and v1)."""

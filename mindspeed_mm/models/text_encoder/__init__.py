@@ -1,0 +1,1 @@
+"""Text encoders and tokenizers: Step-LLM + StepChat tokenizer, HunyuanCLIP BERT."""
