@@ -1,0 +1,188 @@
+"""Time one StepVideo DiT step: forward only, and forward + backward.
+
+    python benchmarks/dit_step.py --layers 2 --heads 48 --head-dim 128 --video 136 544 992 --dtype bf16
+    python benchmarks/dit_step.py --layers 2 --heads 4 --head-dim 32 --frames 4 --height 8 --width 8 --dtype fp32
+
+Sizes are latent sizes (--frames/--height/--width), or a pixel video (--video T H W), which
+the Video-VAE maps to T/17*3 latent frames of H/16 x W/16 (136x544x992 -> 24x34x62, 50,592
+tokens). Prints tokens/s, peak memory (CUDA/NPU allocator peak on accelerators, process peak
+RSS on CPU) and, on CUDA, MFU: model matmul FLOPs (3x forward for a training step, recompute
+not counted) over the card's dense bf16 peak (--peak-tflops; default by card name).
+Runs in a single process (TP = CP = 1) with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mindspeed_mm.config.model import PredictorConfig  # noqa: E402
+from mindspeed_mm.models.predictor import StepVideoDiT  # noqa: E402
+from mindspeed_mm.models.predictor.stepvideo.state_dict_adapter import default_channel_split  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against the device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def forward_flops(cfg: PredictorConfig, batch: int, tokens: int, text_len: int, llm_len: int) -> float:
+    """Matmul FLOPs of one forward (2 per multiply-add); elementwise work is not counted."""
+    d, s, kv = cfg.hidden_size, tokens, text_len
+    per_block = (
+        2 * s * d * 3 * d + 2 * s * d * d  # self-attention QKV and output projections
+        + 4 * s * s * d  # QK^T and AV
+        + 2 * s * d * d + 2 * kv * d * 2 * d + 2 * s * d * d  # cross-attention q, kv, out
+        + 4 * s * kv * d  # cross-attention QK^T and AV
+        + 2 * 2 * s * d * 4 * d  # FFN
+    )
+    c_in = cfg.in_channels * (2 if cfg.use_additional_conditions else 1)
+    p2 = cfg.patch_size ** 2
+    rest = (2 * s * c_in * d + 2 * s * d * cfg.out_channels * p2  # patch embedding, proj_out
+            + 2 * llm_len * (cfg.caption_channels[0] * d + d * d) + 2 * (kv - llm_len) * cfg.caption_channels[1] * d
+            + 2 * (256 * d + d * d + 6 * d * d))
+    return batch * (cfg.num_layers * per_block + rest)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "npu":
+        torch.npu.synchronize()
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif device.type == "npu":
+        torch.npu.reset_peak_memory_stats()
+
+
+def _peak_memory(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA allocator peak)"
+    if device.type == "npu":
+        return f"{torch.npu.max_memory_allocated() / 2**30:.2f} GiB (NPU allocator peak)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
+
+
+def _time(fn, device, warmup: int, steps: int):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=48)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--frames", type=int, default=4, help="latent frames")
+    p.add_argument("--height", type=int, default=8, help="latent height")
+    p.add_argument("--width", type=int, default=8, help="latent width")
+    p.add_argument("--video", type=int, nargs=3, metavar=("T", "H", "W"), help="pixel size instead of latent size")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--llm-len", type=int, default=320, help="step_llm tokens (all valid)")
+    p.add_argument("--clip-len", type=int, default=77)
+    p.add_argument("--caption-channels", type=int, nargs=2, default=[6144, 1024])
+    p.add_argument("--in-channels", type=int, default=64)
+    p.add_argument("--i2v", action="store_true")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, npu")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "flash", "npu"])
+    p.add_argument("--recompute", choices=["none", "block", "uniform"], default="none")
+    p.add_argument("--mode", choices=["both", "forward", "train"], default="both")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of one card (default by name)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "auto":
+        from mindspeed_mm.runtime import current_device
+
+        device = current_device()
+    else:
+        device = torch.device(args.device)
+    frames, height, width = args.frames, args.height, args.width
+    if args.video:
+        t, hp, wp = args.video
+        frames, height, width = t // 17 * 3, hp // 16, wp // 16
+    cfg = PredictorConfig(
+        num_layers=args.layers, num_heads=args.heads, head_dim=args.head_dim,
+        channel_split=default_channel_split(args.head_dim), in_channels=args.in_channels,
+        out_channels=args.in_channels, caption_channels=list(args.caption_channels), dtype=args.dtype,
+        use_additional_conditions=args.i2v, attention_backend=args.attention_backend,
+    )
+    torch.manual_seed(0)
+    model = StepVideoDiT(cfg, device=device)
+    if args.recompute != "none":
+        model.configure_recompute("full", args.recompute, 1 if args.recompute == "block" else args.layers)
+    b, dtype = args.batch, model.dtype
+    latents = torch.randn(b, frames, cfg.in_channels, height, width, device=device, dtype=dtype)
+    inputs = dict(
+        latents=latents, timestep=torch.rand(b, device=device),
+        prompt=[torch.randn(b, args.llm_len, cfg.caption_channels[0], device=device, dtype=dtype),
+                torch.randn(b, args.clip_len, cfg.caption_channels[1], device=device, dtype=dtype)],
+        prompt_mask=[torch.ones(b, args.llm_len, device=device), torch.ones(b, args.clip_len, device=device)],
+    )
+    if args.i2v:
+        inputs["image_latents"] = torch.zeros_like(latents)
+    tokens = frames * height * width
+    params = sum(p.numel() for p in model.parameters())
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}), "
+          f"dtype {args.dtype}, {args.layers} layers x {args.heads} heads x {args.head_dim}, {params / 1e9:.3f} B "
+          f"params, latents {b}x{frames}x{height}x{width} = {b * tokens} tokens, text {args.clip_len + args.llm_len}, "
+          f"recompute {args.recompute}")
+
+    flops = forward_flops(cfg, b, tokens, args.clip_len + args.llm_len, args.llm_len)
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+    def report(label, seconds, step_flops):
+        line = f"{label}: {seconds * 1e3:.1f} ms, {b * tokens / seconds:,.0f} tokens/s, " \
+               f"{step_flops / seconds / 1e12:.2f} TFLOP/s"
+        if device.type == "cuda" and peak:
+            line += f", MFU {100 * step_flops / seconds / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s bf16 peak"
+        print(line + f", peak memory {_peak_memory(device)}")
+
+    if args.mode in ("both", "forward"):
+        model.eval()
+        _reset_peak(device)
+
+        def forward():
+            with torch.no_grad():
+                model(**inputs)
+
+        report("forward", _time(forward, device, args.warmup, args.steps), flops)
+    if args.mode in ("both", "train"):
+        model.train()
+        _reset_peak(device)
+        upstream = torch.randn_like(latents, dtype=dtype)
+
+        def train_step():
+            model.zero_grad(set_to_none=True)
+            (model(**inputs).float() * upstream.float()).mean().backward()
+
+        report("forward+backward", _time(train_step, device, args.warmup, args.steps), 3 * flops)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The Megatron legacy checkpoint layout (as the seed and MindSpeed-MM write it), strictly.
+
+    <dir>/latest_checkpointed_iteration.txt      "release" or an iteration number
+    <dir>/release/ or <dir>/iter_0000100/
+        mp_rank_00/model_optim_rng.pt            TP rank 00 (no pipeline parallel)
+        mp_rank_00_001/model_optim_rng.pt        TP rank 00, PP rank 001 (pipeline parallel)
+
+Each file is `torch.save({"model": state_dict, ...})`. Reading is strict: a missing tracker,
+a tracker naming a missing directory, or rank directories that do not match the requested
+TP size are errors that say what was expected. Megatron itself starts from random weights
+when the tracker is missing; we never do that silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FILENAME = "model_optim_rng.pt"
+RELEASE = "release"
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+Iteration = Union[int, str]  # an iteration number or "release"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as asked; the message names the path and the fix."""
+
+
+def tracker_path(directory) -> Path:
+    return Path(directory) / TRACKER_FILENAME
+
+
+def is_megatron_checkpoint(directory) -> bool:
+    """True when `directory` looks like a Megatron checkpoint (tracker or iteration folders)."""
+    d = Path(directory)
+    if tracker_path(d).is_file() or (d / RELEASE).is_dir():
+        return True
+    return d.is_dir() and any(p.is_dir() and re.match(r"^iter_\d{7}$", p.name) for p in d.iterdir())
+
+
+def read_tracker(directory) -> Iteration:
+    """The iteration the tracker names: an int, or "release"."""
+    path = tracker_path(directory)
+    if not path.is_file():
+        found = sorted(p.name for p in Path(directory).iterdir())[:10] if Path(directory).is_dir() else None
+        where = f"the folder holds {found}" if found is not None else "the folder does not exist"
+        raise CheckpointError(
+            f"no checkpoint tracker at {path} ({where}). A Megatron-layout checkpoint needs "
+            f"{TRACKER_FILENAME} containing 'release' or an iteration number, beside release/ or "
+            f"iter_XXXXXXX/ folders. Check --load / LOAD_PATH, or convert the official weights first "
+            f"(examples/stepvideo/convert_ckpt_to_mm.py). We never start from random weights silently."
+        )
+    text = path.read_text().strip()
+    if text == RELEASE:
+        return RELEASE
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise CheckpointError(
+            f"{path} contains {text[:40]!r}; it must hold 'release' or a non-negative iteration number."
+        ) from None
+    if iteration < 0:
+        raise CheckpointError(f"{path} names iteration {iteration}; it must be 'release' or >= 0.")
+    return iteration
+
+
+def write_tracker(directory, iteration: Iteration) -> Path:
+    path = tracker_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(RELEASE if iteration == RELEASE else str(int(iteration)))
+    return path
+
+
+def iteration_dir_name(iteration: Iteration) -> str:
+    return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: Optional[int] = None) -> str:
+    """mp_rank_XX without pipeline parallel, mp_rank_XX_YYY with it (pp_rank given)."""
+    return f"mp_rank_{tp_rank:02d}" if pp_rank is None else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def iteration_dir(directory, iteration: Optional[Iteration] = None) -> Path:
+    """The release/ or iter_XXXXXXX/ folder (the tracker's when `iteration` is None)."""
+    if iteration is None:
+        iteration = read_tracker(directory)
+    path = Path(directory) / iteration_dir_name(iteration)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{tracker_path(directory)} names {iteration!r}, but {path} does not exist. The checkpoint is "
+            f"incomplete or the tracker is stale; point --load at a complete checkpoint or fix the tracker."
+        )
+    return path
+
+
+def scan_rank_dirs(iter_dir) -> Dict[Tuple[int, Optional[int]], Path]:
+    """{(tp_rank, pp_rank or None): path} of the mp_rank_* folders in an iteration folder."""
+    found = {}
+    for p in Path(iter_dir).iterdir():
+        m = _RANK_DIR.match(p.name)
+        if m and p.is_dir():
+            found[(int(m.group(1)), None if m.group(2) is None else int(m.group(2)))] = p
+    return found
+
+
+def parallel_sizes(iter_dir) -> Tuple[int, int]:
+    """(TP size, PP size) of the checkpoint in `iter_dir`, checking that no rank is missing."""
+    ranks = scan_rank_dirs(iter_dir)
+    if not ranks:
+        raise CheckpointError(
+            f"{iter_dir} has no mp_rank_XX folders; expected mp_rank_00/{CHECKPOINT_FILENAME} and one "
+            f"folder per tensor-parallel rank."
+        )
+    tp = 1 + max(t for t, _ in ranks)
+    pps = {p for _, p in ranks}
+    if None in pps and len(pps) > 1:
+        raise CheckpointError(f"{iter_dir} mixes mp_rank_XX and mp_rank_XX_YYY folders; it is not one checkpoint.")
+    pp = 1 if None in pps else 1 + max(pps)
+    expected = {(t, None) for t in range(tp)} if None in pps else {(t, q) for t in range(tp) for q in range(pp)}
+    missing = sorted(expected - set(ranks), key=str)
+    if missing:
+        names = [rank_dir_name(t, q) for t, q in missing]
+        raise CheckpointError(f"{iter_dir} is incomplete: rank folder(s) {names} are missing.")
+    return tp, pp
+
+
+def checkpoint_file(directory, tp_rank: int, tp_size: int, iteration: Optional[Iteration] = None) -> Path:
+    """This TP rank's model_optim_rng.pt, for a checkpoint without pipeline parallel."""
+    iter_dir = iteration_dir(directory, iteration)
+    ckpt_tp, ckpt_pp = parallel_sizes(iter_dir)
+    if ckpt_pp != 1:
+        raise CheckpointError(
+            f"{iter_dir} was saved with pipeline parallel size {ckpt_pp} (mp_rank_XX_YYY folders); this run "
+            f"uses --pipeline-model-parallel-size 1. Merge the pipeline stages with the checkpoint converter first."
+        )
+    if ckpt_tp != tp_size:
+        raise CheckpointError(
+            f"{iter_dir} holds a checkpoint with tensor parallel size {ckpt_tp} (mp_rank_00..mp_rank_"
+            f"{ckpt_tp - 1:02d}), but this run uses --tensor-model-parallel-size {tp_size}. Launch with "
+            f"--tensor-model-parallel-size {ckpt_tp}, or re-split the checkpoint to TP {tp_size} with the "
+            f"checkpoint converter."
+        )
+    rank_dir = scan_rank_dirs(iter_dir)[(tp_rank, None)]
+    path = rank_dir / CHECKPOINT_FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; the rank folder {rank_dir} is empty or incomplete.")
+    return path
+
+
+def load_model_state_dict(directory, tp_rank: int = 0, tp_size: int = 1,
+                          iteration: Optional[Iteration] = None) -> Tuple[Dict[str, torch.Tensor], Path]:
+    """(the "model" state dict of this TP rank, the file it came from)."""
+    path = checkpoint_file(directory, tp_rank, tp_size, iteration)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "model" not in payload:
+        keys = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} has no 'model' entry (found {keys}); expected torch.save({{'model': state_dict}}). "
+            f"Virtual-pipeline checkpoints ('model0', ...) are not supported."
+        )
+    return payload["model"], path
+
+
+def save_model_state_dict(directory, state_dict, iteration: Iteration = RELEASE, tp_rank: int = 0,
+                          pp_rank: Optional[int] = None, extra: Optional[dict] = None,
+                          update_tracker: bool = True) -> Path:
+    """Write {"model": state_dict, **extra} for one rank, and (by default) the tracker."""
+    rank_dir = Path(directory) / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank)
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    path = rank_dir / CHECKPOINT_FILENAME
+    payload = {"model": dict(state_dict)}
+    payload.update(extra or {})
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    if update_tracker:
+        write_tracker(directory, iteration)
+    return path

@@ -1,0 +1,300 @@
+"""Building blocks of the StepVideo DiT (reference §1), with the parallel plan applied.
+
+Tensors are "bsnd" inside attention: (batch, sequence, heads, head_dim). Parameter names
+follow MindSpeed-MM (see state_dict_adapter.py for the official names).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mindspeed_mm.models.common.attention import attention
+from mindspeed_mm.parallel import UlyssesAttention
+
+from .parallelize import ParallelState, build_linear, linear
+
+# LayerNorm eps of the blocks' norm1/norm2 (nn.LayerNorm's default in the official blocks).
+BLOCK_NORM_EPS = 1e-5
+TIMESTEP_CHANNELS = 256
+ROPE_THETA = 10000.0
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in float32 and cast back (as official).
+
+    The q/k norms act per head, and under TP each rank holds only its heads: the weight's
+    gradient on one rank covers only those heads. With `state.tp > 1` the weight passes
+    through Megatron's copy-to-TP-region (identity forward, all-reduce backward), so every
+    TP rank ends up with the full gradient, like every other replicated parameter.
+    """
+
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool, device=None, dtype=None,
+                 state: Optional[ParallelState] = None):
+        super().__init__()
+        self.eps = eps
+        self._tp_group = state.tp_group if state is not None and state.tp > 1 else None
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        if self.weight is None:
+            return out
+        weight = self.weight
+        if self._tp_group is not None:
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            weight = copy_to_tensor_model_parallel_region(weight, group=self._tp_group)
+        return out * weight
+
+
+# --- rotary position embedding (3D) ---------------------------------------------------------
+
+
+def rope_cos_sin(frame_start: int, frames: int, height: int, width: int, channel_split: Sequence[int],
+                 dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (frames*height*width, head_dim) for tokens in frame-major order.
+
+    Axis i (frame, row, column) rotates its own channel_split[i] channels with
+    inv_freq = 1/theta^(arange(0, D_i, 2)/D_i). The angles are cast to `dtype` before cos/sin,
+    as the official code does (a bf16 rounding in bf16 runs). `frame_start` is the global
+    index of the first frame, so context-parallel ranks get their frames' positions.
+    """
+    grids = torch.meshgrid(
+        torch.arange(frame_start, frame_start + frames, device=device),
+        torch.arange(height, device=device),
+        torch.arange(width, device=device),
+        indexing="ij",
+    )
+    cos, sin = [], []
+    for axis, dim in enumerate(channel_split):
+        inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, device=device).float() / dim))
+        pos = grids[axis].reshape(-1).float()
+        angles = (pos[:, None] * inv_freq[None, :]).to(dtype)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos.append(angles.cos())
+        sin.append(angles.sin())
+    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, channel_split: Sequence[int]) -> torch.Tensor:
+    """Rotate x (b, s, n, d) with per-axis half-split rotation; cos/sin are (s, d)."""
+    out = []
+    split = list(channel_split)
+    for xc, c, s in zip(x.split(split, dim=-1), cos.split(split, dim=-1), sin.split(split, dim=-1)):
+        half = xc.shape[-1] // 2
+        rotated = torch.cat([-xc[..., half:], xc[..., :half]], dim=-1)
+        out.append(xc * c[None, :, None, :] + rotated * s[None, :, None, :])
+    return torch.cat(out, dim=-1)
+
+
+# --- timestep, motion-score and text embeddings ---------------------------------------------
+
+
+def timestep_sinusoid(t: torch.Tensor, channels: int = TIMESTEP_CHANNELS, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos, sin] sinusoid (flip_sin_to_cos=True, downscale_freq_shift=0), computed in float32."""
+    half = channels // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_channels: int, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim, device=device, dtype=dtype)
+        self.linear_2 = nn.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class CombinedEmbedding(nn.Module):
+    """`adaln_single.emb`: the timestep MLP, plus the motion-score MLP for i2v."""
+
+    def __init__(self, dim: int, motion_score: bool, device=None, dtype=None):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(TIMESTEP_CHANNELS, dim, device, dtype)
+        if motion_score:
+            self.motion_score_embedder = TimestepEmbedding(TIMESTEP_CHANNELS, dim, device, dtype)
+        else:
+            self.motion_score_embedder = None
+
+    def forward(self, scaled_timestep, motion_score=None):
+        dtype = self.timestep_embedder.linear_1.weight.dtype
+        emb = self.timestep_embedder(timestep_sinusoid(scaled_timestep).to(dtype))
+        if self.motion_score_embedder is not None:
+            emb = emb + self.motion_score_embedder(timestep_sinusoid(motion_score).to(dtype))
+        return emb
+
+
+class AdaLayerNormSingle(nn.Module):
+    """t -> (6D modulation for every block, D-wide embedded timestep). t is scaled by 1000."""
+
+    TIME_STEP_RESCALE = 1000
+
+    def __init__(self, dim: int, motion_score: bool, mconfig, state: ParallelState, device=None, dtype=None):
+        super().__init__()
+        self.emb = CombinedEmbedding(dim, motion_score, device, dtype)
+        self.linear = build_linear("adaln_single.linear", dim, 6 * dim, True, mconfig, state, device)
+
+    def forward(self, timestep: torch.Tensor, motion_score: Optional[torch.Tensor] = None):
+        embedded = self.emb(timestep * self.TIME_STEP_RESCALE, motion_score)
+        return linear(self.linear, F.silu(embedded)), embedded
+
+
+class TextProjection(nn.Module):
+    """`caption_projection`: Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, in_features: int, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, dim, device=device, dtype=dtype)
+        self.linear_2 = nn.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class PatchEmbed(nn.Module):
+    """`pos_embed`: per-frame Conv2d patchify; (n, c, H, W) -> (n, h*w, D)."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.proj(x).to(x.dtype).flatten(2).transpose(1, 2)
+
+
+# --- attention and feed-forward -------------------------------------------------------------
+
+CoreAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def core_attention_fn(backend: str) -> CoreAttention:
+    def fn(q, k, v, key_mask=None):
+        return attention(q, k, v, key_mask, backend=backend)
+
+    return fn
+
+
+class SelfAttention(nn.Module):
+    """attn1: fused QKV (column parallel, [Q; K; V]), q/k RMSNorm, 3D RoPE, Ulysses, proj_out (row)."""
+
+    def __init__(self, dim, head_dim, heads_local, norm_eps, norm_affine, channel_split, core: CoreAttention,
+                 mconfig, state: ParallelState, device=None, dtype=None):
+        super().__init__()
+        self.head_dim, self.heads_local, self.channel_split = head_dim, heads_local, list(channel_split)
+        self.proj_qkv = build_linear("attn1.proj_qkv", dim, 3 * dim, False, mconfig, state, device)
+        self.q_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
+        self.k_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
+        self.proj_out = build_linear("attn1.proj_out", dim, dim, False, mconfig, state, device)
+        # Ulysses context parallel: all-to-all around the core (a pass-through when CP = 1).
+        self._core = UlyssesAttention(core, state.cp_group) if state.cp > 1 else None
+        self._plain_core = core
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        q, k, v = linear(self.proj_qkv, x).chunk(3, dim=-1)
+        q = self.q_norm(q.reshape(b, s, self.heads_local, self.head_dim))
+        k = self.k_norm(k.reshape(b, s, self.heads_local, self.head_dim))
+        v = v.reshape(b, s, self.heads_local, self.head_dim)
+        q = apply_rope(q, cos, sin, self.channel_split)
+        k = apply_rope(k, cos, sin, self.channel_split)
+        out = self._core(q, k, v) if self._core is not None else self._plain_core(q, k, v, None)
+        return linear(self.proj_out, out.reshape(b, s, -1))
+
+
+class CrossAttention(nn.Module):
+    """attn2: local queries against the full (cropped) text; no norm, modulation or gate."""
+
+    def __init__(self, dim, head_dim, heads_local, norm_eps, norm_affine, core: CoreAttention, mconfig,
+                 state: ParallelState, device=None, dtype=None):
+        super().__init__()
+        self.head_dim, self.heads_local = head_dim, heads_local
+        self.proj_q = build_linear("attn2.proj_q", dim, dim, False, mconfig, state, device)
+        self.proj_kv = build_linear("attn2.proj_kv", dim, 2 * dim, False, mconfig, state, device)
+        self.q_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
+        self.k_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
+        self.proj_out = build_linear("attn2.proj_out", dim, dim, False, mconfig, state, device)
+        self._core = core
+
+    def forward(self, x, text, key_mask):
+        b, s, _ = x.shape
+        q = self.q_norm(linear(self.proj_q, x).reshape(b, s, self.heads_local, self.head_dim))
+        k, v = linear(self.proj_kv, text).chunk(2, dim=-1)
+        k = self.k_norm(k.reshape(b, text.shape[1], self.heads_local, self.head_dim))
+        v = v.reshape(b, text.shape[1], self.heads_local, self.head_dim)
+        out = self._core(q, k, v, key_mask)
+        return linear(self.proj_out, out.reshape(b, s, -1))
+
+
+class GeluProjection(nn.Module):
+    """`ff.net.0`: column-parallel Linear (no bias) then GELU(tanh)."""
+
+    def __init__(self, dim, inner, mconfig, state, device=None):
+        super().__init__()
+        self.proj = build_linear("ff.net.0.proj", dim, inner, False, mconfig, state, device)
+
+    def forward(self, x):
+        return F.gelu(linear(self.proj, x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """`ff`: net.0 (Linear D->4D + GELU tanh), net.1 (dropout), net.2 (Linear 4D->D)."""
+
+    def __init__(self, dim, dropout, mconfig, state: ParallelState, device=None):
+        super().__init__()
+        self.net = nn.ModuleList([
+            GeluProjection(dim, 4 * dim, mconfig, state, device),
+            nn.Dropout(dropout),
+            build_linear("ff.net.2", 4 * dim, dim, False, mconfig, state, device),
+        ])
+        self._tp_dropout = dropout > 0 and state.initialized and state.tp > 1
+
+    def forward(self, x):
+        hidden = self.net[0](x)
+        if self._tp_dropout and self.training:
+            # The hidden features are TP-sharded: each TP rank drops different elements.
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():
+                hidden = self.net[1](hidden)
+        else:
+            hidden = self.net[1](hidden)
+        return linear(self.net[2], hidden)
+
+
+class StepVideoTransformerBlock(nn.Module):
+    """AdaLN-modulated self-attention, ungated cross-attention, AdaLN-modulated FFN."""
+
+    def __init__(self, dim: int, head_dim: int, heads_local: int, channel_split: List[int], attn_norm_eps: float,
+                 attn_norm_affine: bool, dropout: float, core: CoreAttention, mconfig, state: ParallelState,
+                 device=None, dtype=None):
+        super().__init__()
+        self.dim = dim
+        self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
+        self.attn1 = SelfAttention(dim, head_dim, heads_local, attn_norm_eps, attn_norm_affine, channel_split,
+                                   core, mconfig, state, device, dtype)
+        self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
+        self.attn2 = CrossAttention(dim, head_dim, heads_local, attn_norm_eps, attn_norm_affine, core, mconfig,
+                                    state, device, dtype)
+        self.ff = FeedForward(dim, dropout, mconfig, state, device)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim, device=device, dtype=dtype) / dim ** 0.5)
+
+    def forward(self, x, text, modulation, key_mask, cos, sin):
+        mod = self.scale_shift_table[None] + modulation.reshape(-1, 6, self.dim)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        x = gate_msa * self.attn1(h, cos, sin) + x
+        x = self.attn2(x, text, key_mask) + x
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        return gate_mlp * self.ff(h) + x

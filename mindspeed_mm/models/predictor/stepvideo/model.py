@@ -1,0 +1,290 @@
+"""StepVideoDiT: the StepVideo 30B video diffusion transformer (t2v and i2v), TP + Ulysses CP.
+
+Forward contract (see docs/api.md):
+
+    velocity = model(latents, timestep, prompt, prompt_mask, image_latents=None, motion_score=None)
+
+- latents (b, f, c, h, w); i2v `image_latents` of the same shape are concatenated after them
+  on the channel axis.
+- timestep: the scheduler's t in [0, 1] (a float, a 0-d or a (b,) tensor); the DiT multiplies
+  it by 1000 in the dtype it is given (pass it in the latent dtype to reproduce the official
+  bf16 pipeline, which rounds t to bf16 first).
+- prompt = [step_llm states (b, L1, caption_channels[0]), clip states (b, L2, caption_channels[1])];
+  prompt_mask = [(b, L1), (b, L2)], 1 = attend. As in the official code only the step_llm
+  mask is used, left-padded with L2 ones (every CLIP position is attended), and the text
+  keys are cropped to the longest valid length in the batch.
+- motion_score (i2v only): a float or (b,) tensor, not scaled; 5.0 when omitted.
+- returns the velocity (b, f, out_channels, h, w).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.utils.checkpoint
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from mindspeed_mm.config.model import PredictorConfig, torch_dtype
+from mindspeed_mm.models.registry import register_model
+from mindspeed_mm.runtime.device import current_device
+
+from .layers import (AdaLayerNormSingle, PatchEmbed, StepVideoTransformerBlock, TextProjection,
+                     core_attention_fn, rope_cos_sin)
+from .parallelize import (check_frames_divisible, check_heads_divisible, cp_gather_frames, cp_split_frames,
+                          current_parallel_state, megatron_config)
+
+RECOMPUTE_GRANULARITY_FLAG = "--recompute-granularity"
+RECOMPUTE_METHOD_FLAG = "--recompute-method"
+RECOMPUTE_NUM_LAYERS_FLAG = "--recompute-num-layers"
+DEFAULT_MOTION_SCORE = 5.0
+
+
+def _drop_extra_state(module, state_dict, prefix, local_metadata):
+    # Megatron's parallel linears report an empty `_extra_state` (a TransformerEngine
+    # compatibility stub); checkpoints in the MindSpeed-MM layout do not carry it.
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith("._extra_state")]:
+        del state_dict[key]
+
+
+@register_model("stepvideodit")
+class StepVideoDiT(MegatronModule):
+    """The StepVideo DiT; build it from a `PredictorConfig` or with `from_pretrained`."""
+
+    def __init__(self, config: PredictorConfig, *, device: Union[str, torch.device, None] = None,
+                 perform_initialization: bool = True):
+        config.validate()
+        state = current_parallel_state()
+        check_heads_divisible(config.num_heads, state.tp, state.cp)
+        dtype = torch_dtype(config.dtype)
+        super().__init__(megatron_config(config.num_layers, config.num_heads, config.head_dim, dtype, state,
+                                         perform_initialization))
+        self.predictor_config = config
+        self.parallel = state
+        self.recompute_granularity: Optional[str] = None
+        self.recompute_method: Optional[str] = None
+        self.recompute_num_layers: Optional[int] = None
+
+        device = torch.device(device) if device is not None else current_device()
+        dim = config.hidden_size
+        llm_channels, clip_channels = config.caption_channels
+        p = config.patch_size
+        i2v = config.use_additional_conditions
+        core = core_attention_fn(config.attention_backend)
+        mcfg = self.config
+        kw = dict(device=device, dtype=dtype)
+        with torch.device(device):
+            self.pos_embed = PatchEmbed(p, config.in_channels * (2 if i2v else 1), dim, **kw)
+            self.adaln_single = AdaLayerNormSingle(dim, i2v, mcfg, state, **kw)
+            self.clip_projection = nn.Linear(clip_channels, dim, **kw)
+            self.caption_norm = nn.LayerNorm(llm_channels, eps=config.norm_eps,
+                                             elementwise_affine=config.norm_elementwise_affine, **kw)
+            self.caption_projection = TextProjection(llm_channels, dim, **kw)
+            self.transformer_blocks = nn.ModuleList([
+                StepVideoTransformerBlock(
+                    dim, config.head_dim, config.num_heads // state.tp, config.channel_split,
+                    config.attention_norm_eps, config.attention_norm_elementwise_affine, config.dropout,
+                    core, mcfg, state, **kw)
+                for _ in range(config.num_layers)
+            ])
+            self.norm_out = nn.LayerNorm(dim, eps=config.norm_eps,
+                                         elementwise_affine=config.norm_elementwise_affine, **kw)
+            self.scale_shift_table = nn.Parameter(torch.randn(2, dim, **kw) / dim ** 0.5)
+            self.proj_out = nn.Linear(dim, p * p * config.out_channels, **kw)
+        self.register_state_dict_post_hook(_drop_extra_state)
+
+    # --- construction helpers ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, config: Optional[PredictorConfig] = None, *, device=None, **overrides):
+        """Load official diffusers-format weights or a Megatron-layout checkpoint, strictly.
+
+        See `pretrained.load_pretrained` and docs/api.md for how the config is determined.
+        """
+        from .pretrained import load_pretrained
+
+        return load_pretrained(cls, path, config=config, device=device, **overrides)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pos_embed.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos_embed.proj.weight.device
+
+    def configure_recompute(self, granularity: Optional[str], method: Optional[str] = None,
+                            num_layers: Optional[int] = None) -> None:
+        """Activation recompute as Megatron's flags: granularity "full" with method "block"
+        (the first `num_layers` blocks each recomputed) or "uniform" (groups of `num_layers`
+        blocks recomputed together); granularity None turns it off."""
+        total = self.predictor_config.num_layers
+        if granularity is None:
+            self.recompute_granularity = self.recompute_method = self.recompute_num_layers = None
+            return
+        if granularity == "selective":
+            raise ValueError(
+                f"{RECOMPUTE_GRANULARITY_FLAG} selective is not supported by the StepVideo DiT (it has no "
+                f"separable core-attention recompute); use {RECOMPUTE_GRANULARITY_FLAG} full."
+            )
+        if granularity != "full":
+            raise ValueError(f"{RECOMPUTE_GRANULARITY_FLAG} {granularity!r} is unknown; use full (or omit it).")
+        if method not in ("block", "uniform"):
+            raise ValueError(
+                f"{RECOMPUTE_GRANULARITY_FLAG} full needs {RECOMPUTE_METHOD_FLAG} block or uniform, got {method!r}."
+            )
+        if num_layers is None or not 1 <= num_layers <= total:
+            raise ValueError(
+                f"{RECOMPUTE_NUM_LAYERS_FLAG} {num_layers} must be between 1 and the model's num_layers {total} "
+                f"(with {RECOMPUTE_METHOD_FLAG} {method})."
+            )
+        self.recompute_granularity, self.recompute_method, self.recompute_num_layers = granularity, method, num_layers
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def text_states(self, llm_states: torch.Tensor, clip_states: torch.Tensor) -> torch.Tensor:
+        """cat([clip_projection(clip), caption_projection(caption_norm(llm))]) -> (b, L2+L1, D)."""
+        llm = self.caption_projection(self.caption_norm(llm_states.to(self.dtype)))
+        clip = self.clip_projection(clip_states.to(self.dtype))
+        return torch.cat([clip, llm], dim=1)
+
+    def forward(self, latents: torch.Tensor, timestep, prompt: Sequence[torch.Tensor],
+                prompt_mask: Sequence[torch.Tensor], image_latents: Optional[torch.Tensor] = None,
+                motion_score=None) -> torch.Tensor:
+        cfg, state = self.predictor_config, self.parallel
+        llm_states, clip_states, llm_mask = self._check_inputs(latents, prompt, prompt_mask, image_latents,
+                                                               motion_score)
+        b, frames, _, height, width = latents.shape
+        check_frames_divisible(frames, state.cp)
+        dtype, device = self.dtype, latents.device
+        x = latents.to(dtype)
+        if cfg.use_additional_conditions:
+            x = torch.cat([x, image_latents.to(dtype)], dim=2)
+        x = cp_split_frames(x, state)
+        local_frames = frames // state.cp
+        p = cfg.patch_size
+        h, w = height // p, width // p
+        tokens = self.pos_embed(x.reshape(b * local_frames, x.shape[2], height, width))
+        tokens = tokens.reshape(b, local_frames * h * w, cfg.hidden_size)
+
+        t = self._timestep(timestep, b, device)
+        motion = self._motion_score(motion_score, b, device) if cfg.use_additional_conditions else None
+        modulation, embedded = self.adaln_single(t, motion)
+
+        text, key_mask = self._crop_text(self.text_states(llm_states, clip_states), llm_mask, clip_states.shape[1])
+        cos, sin = rope_cos_sin(state.cp_rank * local_frames, local_frames, h, w, cfg.channel_split, dtype, device)
+        tokens = self._run_blocks(tokens, text, modulation, key_mask, cos, sin)
+
+        shift, scale = (self.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)
+        out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
+        c = cfg.out_channels
+        out = out.reshape(b, local_frames, h, w, p, p, c).permute(0, 1, 6, 2, 4, 3, 5)
+        out = out.reshape(b, local_frames, c, h * p, w * p)
+        return cp_gather_frames(out, state)
+
+    def _check_inputs(self, latents, prompt, prompt_mask, image_latents, motion_score):
+        cfg = self.predictor_config
+        if latents.dim() != 5:
+            raise ValueError(f"latents must be (b, f, c, h, w), got shape {tuple(latents.shape)}.")
+        b, _, c, height, width = latents.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"latents have {c} channels but the predictor's in_channels is {cfg.in_channels}.")
+        if height % cfg.patch_size or width % cfg.patch_size:
+            raise ValueError(f"latent height/width {height}x{width} must be multiples of patch_size {cfg.patch_size}.")
+        if cfg.use_additional_conditions:
+            if image_latents is None:
+                raise ValueError("this is an i2v DiT (use_additional_conditions=true): pass image_latents "
+                                 "(b, f, c, h, w), the condition frames concatenated on the channel axis.")
+            if tuple(image_latents.shape) != tuple(latents.shape):
+                raise ValueError(f"image_latents {tuple(image_latents.shape)} must have the latents' shape "
+                                 f"{tuple(latents.shape)}.")
+        elif image_latents is not None or motion_score is not None:
+            raise ValueError("image_latents/motion_score were given to a t2v DiT (use_additional_conditions=false); "
+                             "load i2v weights or drop them.")
+        if not isinstance(prompt, (list, tuple)) or len(prompt) != 2:
+            raise ValueError("prompt must be [step_llm states (b, L1, C1), clip states (b, L2, C2)].")
+        if not isinstance(prompt_mask, (list, tuple)) or len(prompt_mask) != 2:
+            raise ValueError("prompt_mask must be [step_llm mask (b, L1), clip mask (b, L2)], 1 = attend.")
+        llm, clip = (t.squeeze(1) if t.dim() == 4 else t for t in prompt)  # also accept (b, 1, L, C)
+        llm_mask = prompt_mask[0].squeeze(1) if prompt_mask[0].dim() == 3 else prompt_mask[0]
+        for name, t, width in (("step_llm", llm, cfg.caption_channels[0]), ("clip", clip, cfg.caption_channels[1])):
+            if t.dim() != 3 or t.shape[0] != b or t.shape[2] != width:
+                raise ValueError(f"{name} states must be (b={b}, L, {width}) (caption_channels), "
+                                 f"got {tuple(t.shape)}.")
+        if tuple(llm_mask.shape) != tuple(llm.shape[:2]):
+            raise ValueError(f"step_llm mask {tuple(llm_mask.shape)} must be (b, L1) = {tuple(llm.shape[:2])}.")
+        return llm, clip, llm_mask
+
+    def _timestep(self, timestep, b: int, device) -> torch.Tensor:
+        t = torch.as_tensor(timestep, device=device)
+        if not t.is_floating_point():
+            t = t.float()
+        low, high = float(t.min()), float(t.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"timestep values lie in [{low:g}, {high:g}], but the DiT takes the scheduler's t in [0, 1] "
+                f"(t = 0 is pure noise) and multiplies it by 1000 itself; do not pass 0..999 timesteps."
+            )
+        if t.numel() == 1:
+            return t.reshape(1).expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"timestep must be a scalar or shape ({b},), got {tuple(t.shape)}.")
+        return t
+
+    def _motion_score(self, motion_score, b: int, device) -> torch.Tensor:
+        value = DEFAULT_MOTION_SCORE if motion_score is None else motion_score
+        # The official code builds it in the latent (model) dtype; it is not scaled by 1000.
+        m = torch.as_tensor(value, device=device).to(self.dtype)
+        if m.numel() == 1:
+            return m.reshape(1).expand(b)
+        if m.shape != (b,):
+            raise ValueError(f"motion_score must be a float or shape ({b},), got {tuple(m.shape)}.")
+        return m
+
+    @staticmethod
+    def _crop_text(text: torch.Tensor, llm_mask: torch.Tensor, clip_len: int):
+        valid = llm_mask.to(torch.bool)
+        lengths = valid.sum(dim=1)
+        positions = torch.arange(valid.shape[1], device=valid.device)
+        if not torch.equal(valid, positions[None, :] < lengths[:, None]):
+            raise ValueError("the step_llm mask must be a prefix of ones per sample (right padding): the DiT "
+                             "uses only its valid length, as the official code does.")
+        kv_len = lengths + clip_len
+        max_kv = int(kv_len.max())
+        key_mask = torch.arange(max_kv, device=text.device)[None, :] < kv_len.to(text.device)[:, None]
+        return text[:, :max_kv], key_mask
+
+    def _run_blocks(self, x, text, modulation, key_mask, cos, sin):
+        blocks = self.transformer_blocks
+        if self.recompute_granularity != "full" or not torch.is_grad_enabled():
+            for block in blocks:
+                x = block(x, text, modulation, key_mask, cos, sin)
+            return x
+        n = self.recompute_num_layers
+        if self.recompute_method == "uniform":
+            for start in range(0, len(blocks), n):
+                x = self._checkpointed(start, min(start + n, len(blocks)), x, text, modulation, key_mask, cos, sin)
+            return x
+        for i, block in enumerate(blocks):  # "block": the first n blocks, each on its own
+            if i < n:
+                x = self._checkpointed(i, i + 1, x, text, modulation, key_mask, cos, sin)
+            else:
+                x = block(x, text, modulation, key_mask, cos, sin)
+        return x
+
+    def _checkpointed(self, start: int, end: int, *args):
+        blocks = self.transformer_blocks
+
+        def run(x, text, modulation, key_mask, cos, sin):
+            for block in blocks[start:end]:
+                x = block(x, text, modulation, key_mask, cos, sin)
+            return x
+
+        if self.parallel.initialized:
+            # Megatron's checkpoint also restores the model-parallel RNG tracker's states.
+            from megatron.core import tensor_parallel
+
+            return tensor_parallel.checkpoint(run, False, *args)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+

@@ -1,0 +1,255 @@
+"""`StepVideoDiT.from_pretrained`: official diffusers folders and Megatron-layout checkpoints.
+
+Official folder (`transformer/` of the download): config.json with the StepVideoModel
+constructor keys, and diffusion_pytorch_model.safetensors or sharded
+diffusion_pytorch_model-XXXXX-of-YYYYY.safetensors with their .index.json. The config comes
+from config.json; `config` (e.g. the model JSON's predictor section) supplies what config.json
+does not say (dtype, channel_split, attention norm settings, attention backend) and must agree
+with it on the rest; keyword overrides (PredictorConfig keys) win over both.
+
+Megatron folder (latest_checkpointed_iteration.txt + release/ or iter_XXXXXXX/ + mp_rank_XX/):
+there is no config.json. The config is `config` when given, otherwise it is read off the
+checkpoint's tensor shapes (layers, heads from the q_norm width, channels, i2v from the
+motion-score embedder); keyword overrides win. Either way the load is strict, so a config
+that does not match the tensors fails with the keys and shapes that disagree.
+
+Each TP rank reads only its own part: official tensors are read one at a time, permuted to
+the [Q; K; V] layout and sliced for the rank; Megatron checkpoints must have this run's TP size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+import torch
+
+from mindspeed_mm.checkpoint import is_megatron_checkpoint, load_model_state_dict
+from mindspeed_mm.config.base import ConfigError, from_dict, to_dict
+from mindspeed_mm.config.model import PredictorConfig
+from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError
+from mindspeed_mm.models.weights_layout import OFFICIAL_LAYOUT, WeightsNotFoundError
+
+from . import state_dict_adapter as adapter
+from .parallelize import current_parallel_state
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+_LIST_LIMIT = 20
+
+
+class PretrainedLoadError(CheckpointMismatchError):
+    """Weights that do not match the model; the message names the path and the keys."""
+
+
+def _listing(items, limit=_LIST_LIMIT) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_pretrained(cls, path, config: Optional[PredictorConfig] = None, device=None, **overrides):
+    path = Path(path)
+    if not path.exists():
+        raise WeightsNotFoundError(
+            f"StepVideo DiT: '{path}' (from_pretrained / --load) does not exist. Expected either the official "
+            f"transformer/ folder or a converted Megatron-layout checkpoint.\n{OFFICIAL_LAYOUT}"
+        )
+    if is_megatron_checkpoint(path):
+        return _load_megatron(cls, path, config, device, overrides)
+    if (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file():
+        return _load_official(cls, path, config, device, overrides)
+    hint = ""
+    if (path / "transformer" / CONFIG_NAME).is_file():
+        hint = f" It has a transformer/ subfolder: did you mean '{path / 'transformer'}'?"
+    found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else []
+    raise WeightsNotFoundError(
+        f"StepVideo DiT: '{path}' is neither an official DiT folder ({CONFIG_NAME} + {WEIGHTS_NAME} or "
+        f"{INDEX_NAME} with its shards) nor a Megatron-layout checkpoint (latest_checkpointed_iteration.txt + "
+        f"release/ or iter_XXXXXXX/ + mp_rank_XX/); it holds {found}.{hint} We never start from random "
+        f"weights silently.\n{OFFICIAL_LAYOUT}"
+    )
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def _make_config(base: Dict, overrides: Mapping, source: str) -> PredictorConfig:
+    fields = {f.name for f in dataclasses.fields(PredictorConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"from_pretrained: unknown override(s) {unknown}; valid keys: {sorted(fields)}.")
+    merged = dict(base)
+    merged.update(overrides)
+    if "channel_split" not in merged and "head_dim" in merged:
+        merged["channel_split"] = adapter.default_channel_split(merged["head_dim"])
+    return from_dict(PredictorConfig, merged, source=source)
+
+
+def _official_config(path: Path, config: Optional[PredictorConfig], overrides: Mapping) -> PredictorConfig:
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise WeightsNotFoundError(
+            f"StepVideo DiT: '{path}' has weights but no {CONFIG_NAME}; the official transformer/ folder "
+            f"carries one with the StepVideoModel constructor keys.\n{OFFICIAL_LAYOUT}"
+        )
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cfg_path}: not valid JSON: {exc.msg} at line {exc.lineno}.") from exc
+    try:
+        official = adapter.predictor_kwargs_from_official_config(raw, str(cfg_path))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    base: Dict = {}
+    if config is not None:
+        base = to_dict(config)
+        conflicts = [f"{k}: model config {base[k]!r} vs {CONFIG_NAME} {v!r}" for k, v in official.items()
+                     if k in base and base[k] != v and k not in overrides]
+        if conflicts:
+            raise ConfigError(
+                f"{cfg_path} disagrees with the predictor config on {'; '.join(conflicts)}. Fix the model JSON's "
+                f"predictor section or point from_pretrained at the matching weights."
+            )
+    base.update(official)
+    base.pop("from_pretrained", None)
+    return _make_config(base, overrides, str(cfg_path))
+
+
+def infer_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> Dict:
+    """PredictorConfig keys read off the tensor shapes of a (TP-sharded) state dict, our names."""
+    need = ["pos_embed.proj.weight", "proj_out.weight", "caption_projection.linear_1.weight",
+            "clip_projection.weight", "transformer_blocks.0.attn1.q_norm.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise PretrainedLoadError(
+            f"{source}: cannot read the DiT configuration off the checkpoint, key(s) {missing} are absent. "
+            f"Pass config=PredictorConfig(...) (the model JSON's predictor section) to from_pretrained."
+        )
+    head_dim = sd["transformer_blocks.0.attn1.q_norm.weight"].shape[0]
+    dim, c_in, p, _ = sd["pos_embed.proj.weight"].shape
+    i2v = any(k.startswith("adaln_single.emb.motion_score_embedder.") for k in sd)
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
+    return {
+        "num_layers": layers, "num_heads": dim // head_dim, "head_dim": head_dim,
+        "in_channels": c_in // (2 if i2v else 1), "out_channels": sd["proj_out.weight"].shape[0] // (p * p),
+        "patch_size": p, "patch_size_thw": [1, p, p], "use_additional_conditions": i2v,
+        "caption_channels": [sd["caption_projection.linear_1.weight"].shape[1], sd["clip_projection.weight"].shape[1]],
+        "norm_elementwise_affine": "norm_out.weight" in sd,
+    }
+
+
+# --- strict loading -------------------------------------------------------------------------
+
+
+def _load_strict(model, local_sd: Dict[str, torch.Tensor], full_shapes: Dict[str, tuple], source: str,
+                 official_names: bool, unsplittable=()) -> None:
+    """Check keys and shapes against the model, then load. `full_shapes` are the unsharded
+    checkpoint shapes (for messages); comparison is on this rank's shapes. Keys in
+    `unsplittable` could not be permuted or sliced for TP and always count as mismatched."""
+    expected = model.state_dict()
+    tp = model.parallel.tp
+
+    def name(k):
+        return adapter.our_key_to_official(k) if official_names else k
+
+    missing = sorted(name(k) for k in expected if k not in local_sd)
+    unexpected = sorted(name(k) for k in local_sd if k not in expected)
+    mismatched = []
+    for k in sorted(set(expected) & set(local_sd)):
+        if k in unsplittable or tuple(local_sd[k].shape) != tuple(expected[k].shape):
+            want = adapter.full_shape(k, expected[k].shape, tp)
+            got = full_shapes.get(k, tuple(local_sd[k].shape))
+            mismatched.append(f"{name(k)}: checkpoint {tuple(got)} vs model {tuple(want)}")
+    if missing or unexpected or mismatched:
+        cfg = model.predictor_config
+        parts = [f"Cannot load the StepVideo DiT strictly from {source}."]
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}.")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}.")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}.")
+        parts.append(
+            f"The model was built with num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, "
+            f"head_dim={cfg.head_dim}, in_channels={cfg.in_channels}, out_channels={cfg.out_channels}, "
+            f"caption_channels={cfg.caption_channels}, use_additional_conditions={cfg.use_additional_conditions}; "
+            f"make the predictor config match the checkpoint (t2v vs i2v weights, layer count) or point "
+            f"from_pretrained at the right weights."
+        )
+        raise PretrainedLoadError(" ".join(parts))
+    dtype = model.dtype
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(dtype) for k, v in local_sd.items()}, strict=True)
+
+
+def _weight_files(path: Path):
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise PretrainedLoadError(f"{index} has no 'weight_map'; it is not a safetensors index.")
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (path / f).is_file()]
+        if absent:
+            raise WeightsNotFoundError(
+                f"StepVideo DiT: {index} lists shard(s) {absent} that are not in '{path}'; the download is "
+                f"incomplete.\n{OFFICIAL_LAYOUT}"
+            )
+        return [path / f for f in files]
+    single = path / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    raise WeightsNotFoundError(
+        f"StepVideo DiT: '{path}' has {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {INDEX_NAME} "
+        f"(safetensors present: {found}).\n{OFFICIAL_LAYOUT}"
+    )
+
+
+def _load_official(cls, path: Path, config, device, overrides):
+    from safetensors import safe_open
+
+    cfg = _official_config(path, config, overrides)
+    files = _weight_files(path)
+    model = cls(cfg, device=device, perform_initialization=False)
+    state = model.parallel
+    local: Dict[str, torch.Tensor] = {}
+    full_shapes: Dict[str, tuple] = {}
+    origin: Dict[str, str] = {}
+    unsplittable = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for official_key in handle.keys():
+                tensor = handle.get_tensor(official_key)
+                key = adapter.official_key_to_ours(official_key)
+                if key in origin:
+                    raise PretrainedLoadError(f"{official_key} is stored twice: in {origin[key]} and {file.name}.")
+                origin[key] = file.name
+                full_shapes[key] = tuple(tensor.shape)
+                try:
+                    key, tensor = adapter.official_tensor_to_ours(official_key, tensor, cfg.head_dim)
+                    tensor = adapter.shard_tensor(key, tensor, state.tp_rank, state.tp).clone()
+                except ValueError:
+                    unsplittable.add(key)  # wrong shape: reported with every other mismatch below
+                local[key] = tensor
+    _load_strict(model, local, full_shapes, f"'{path}' (official layout, files {[f.name for f in files]})",
+                 official_names=True, unsplittable=unsplittable)
+    return model
+
+
+def _load_megatron(cls, path: Path, config, device, overrides):
+    state = current_parallel_state()
+    sd, file = load_model_state_dict(path, tp_rank=state.tp_rank, tp_size=state.tp)
+    source = str(file)
+    base = to_dict(config) if config is not None else infer_config_from_state_dict(sd, source)
+    base.pop("from_pretrained", None)
+    cfg = _make_config(base, overrides, source)
+    model = cls(cfg, device=device, perform_initialization=False)
+    _load_strict(model, dict(sd), {}, f"'{file}' (Megatron layout, TP rank {state.tp_rank} of {state.tp})",
+                 official_names=False)
+    return model
