@@ -205,11 +205,32 @@ def _save_ranks(folder: Path, ranks: Dict[Tuple[int, int], Dict[str, torch.Tenso
 
 
 def _distribute(key: str, tensor: torch.Tensor, layout: Layout, ranks: Dict) -> None:
-    """Place one full tensor (our layout) into every (tp, pp) rank dict that holds it."""
+    """Place one full tensor (our layout) into every (tp, pp) rank dict that holds it.
+
+    Split tensors are cloned per rank (a view would make torch.save write the whole storage);
+    a replicated tensor is cloned once and shared by every rank dict. Nothing keeps a reference
+    into the source file's memory map, so each source shard is released once it is read.
+    """
+    shared = None
     for pp_rank, local_key in _stage_of(key, layout.pp_layers):
         for tp_rank in range(layout.tp):
-            ranks.setdefault((tp_rank, pp_rank), {})[local_key] = \
-                adapter.shard_tensor(key, tensor, tp_rank, layout.tp).clone()
+            part = adapter.shard_tensor(key, tensor, tp_rank, layout.tp)
+            if part is tensor:
+                shared = tensor.clone() if shared is None else shared
+                part = shared
+            else:
+                part = part.clone()
+            ranks.setdefault((tp_rank, pp_rank), {})[local_key] = part
+
+
+def _place_shard(full: torch.Tensor, key: str, shard: torch.Tensor, tp_rank: int, tp: int) -> None:
+    """Copy TP rank `tp_rank`'s part into the preallocated full tensor (inverse of shard_tensor)."""
+    dim = next(d for d in range(full.dim()) if full.shape[d] != shard.shape[d])
+    probe_shape = [1] * full.dim()
+    probe_shape[dim] = full.shape[dim]
+    probe = torch.arange(full.shape[dim]).view(probe_shape)
+    index = adapter.shard_tensor(key, probe, tp_rank, tp).flatten()
+    full.index_copy_(dim, index, shard)
 
 
 # ---- official source -------------------------------------------------------------------------
@@ -313,7 +334,9 @@ def split(source_path, target_path, tp_size: int, pp_layers: Sequence[int], num_
 
 
 def _load_rank(path: Path, log) -> Dict[str, torch.Tensor]:
-    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; the checkpoint is incomplete.")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or "model" not in payload:
         found = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} has no 'model' entry (found {found}); expected torch.save({{'model': ...}}).")
@@ -324,7 +347,11 @@ def _load_rank(path: Path, log) -> Dict[str, torch.Tensor]:
 
 
 def read_megatron_full(source_path, log=_print) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Every rank of a Megatron-layout checkpoint merged into one full state dict (our names)."""
+    """Every rank of a Megatron-layout checkpoint merged into one full state dict (our names).
+
+    Rank files are read one at a time; each TP shard is copied into a preallocated full tensor,
+    so memory stays near one copy of the model plus one rank file.
+    """
     source = Path(source_path)
     if not source.exists():
         raise ConversionError(f"--source_path {source} does not exist; point it at a converted or trained checkpoint "
@@ -334,40 +361,41 @@ def read_megatron_full(source_path, log=_print) -> Tuple[Dict[str, torch.Tensor]
     tp, pp = parallel_sizes(iter_dir)
     rank_dirs = scan_rank_dirs(iter_dir)
     log(f"reading {iter_dir}: TP {tp}, PP {pp}")
-    per_tp: List[Dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    full: Dict[str, torch.Tensor] = {}
     block_offset = 0
     for pp_rank in range(pp):
-        stage_layers = 0
+        stage_keys: Optional[set] = None
         for tp_rank in range(tp):
             path = rank_dirs[(tp_rank, None if pp == 1 else pp_rank)] / CHECKPOINT_FILENAME
-            if not path.is_file():
-                raise CheckpointError(f"{path} does not exist; the checkpoint is incomplete.")
             state = _load_rank(path, log)
-            blocks = {int(m.group(1)) for k in state if (m := _BLOCK.match(k))}
-            if tp_rank == 0:
+            if stage_keys is None:
+                stage_keys = set(state)
+                blocks = {int(m.group(1)) for k in state if (m := _BLOCK.match(k))}
+                if blocks != set(range(len(blocks))):
+                    raise ConversionError(f"{path}: blocks {sorted(blocks)} are not numbered 0..{len(blocks) - 1}.")
                 stage_layers = len(blocks)
-                if blocks and blocks != set(range(stage_layers)):
-                    raise ConversionError(f"{path}: blocks {sorted(blocks)} are not numbered 0..{stage_layers - 1}.")
-            elif len(blocks) != stage_layers:
-                raise ConversionError(f"{path} holds {len(blocks)} blocks but TP rank 0 of the stage holds "
-                                      f"{stage_layers}; the checkpoint is inconsistent.")
-            for key, tensor in state.items():
+            elif set(state) != stage_keys:
+                raise ConversionError(f"{path} holds different keys than TP rank 0 of its stage: "
+                                      f"{_listing(set(state) ^ stage_keys)}")
+            for key in list(state):
+                shard = state.pop(key)
                 m = _BLOCK.match(key)
                 full_key = f"transformer_blocks.{int(m.group(1)) + block_offset}.{m.group(2)}" if m else key
-                if full_key in per_tp[tp_rank] and not m:
-                    if not torch.equal(per_tp[tp_rank][full_key], tensor):
-                        raise ConversionError(f"{full_key} differs between pipeline stages of TP rank {tp_rank}.")
-                    continue
-                per_tp[tp_rank][full_key] = tensor
+                shape = adapter.full_shape(full_key, shard.shape, tp)
+                if tuple(shape) != tuple(shard.shape):  # split over TP: copy this rank's part in place
+                    if tp_rank == 0:
+                        full[full_key] = torch.empty(shape, dtype=shard.dtype)
+                    _place_shard(full[full_key], full_key, shard, tp_rank, tp)
+                elif full_key not in full:
+                    full[full_key] = shard
+                elif not torch.equal(full[full_key], shard):
+                    where = f"TP rank {tp_rank}" + (f", PP rank {pp_rank}" if pp > 1 else "")
+                    raise ConversionError(
+                        f"{full_key} is replicated but {where} ({path}) holds different values than the rank read "
+                        f"first; the ranks of this checkpoint diverged, so no merge of it is faithful."
+                    )
+            del state
         block_offset += stage_layers
-    keys = list(per_tp[0])
-    for tp_rank in range(1, tp):
-        if set(per_tp[tp_rank]) != set(keys):
-            raise ConversionError(f"TP rank {tp_rank} holds different keys than rank 0: "
-                                  f"{_listing(set(per_tp[tp_rank]) ^ set(keys))}")
-    full: Dict[str, torch.Tensor] = {}
-    for key in keys:  # merge key by key, releasing the shards as we go
-        full[key] = adapter.merge_tensor(key, [sd.pop(key) for sd in per_tp]).clone()
     return full, {"iteration": iteration, "tp": tp, "pp": pp}
 
 

@@ -161,6 +161,32 @@ def case_tp2_megatron_checkpoint_round_trip():
 
 
 @dist_case(world_size=2)
+def case_converter_tp2_split_loads_like_official_tp1():
+    """The converter's TP=2 split, loaded on 2 ranks, gives the official folder's TP=1 output."""
+    from mindspeed_mm.checkpoint.convert import split
+    from mindspeed_mm.models.predictor import StepVideoDiT
+    from mindspeed_mm.runtime import initialize_model_parallel
+
+    for i2v in (False, True):
+        initialize_model_parallel()
+        args, _ = _inputs(i2v)
+        with torch.no_grad():
+            want = StepVideoDiT.from_pretrained(_folder(i2v), dtype="fp32").eval()(**args)
+        box = [tempfile.mkdtemp(prefix="dit_converted_") if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        if dist.get_rank() == 0:
+            split(_folder(i2v), Path(box[0]) / "converted", tp_size=2, pp_layers=[2], num_layers=2,
+                  log=lambda m: None)
+        dist.barrier()
+        initialize_model_parallel(tensor_model_parallel_size=2)
+        model = StepVideoDiT.from_pretrained(Path(box[0]) / "converted", dtype="fp32").eval()
+        assert model.parallel.tp == 2 and model.predictor_config.use_additional_conditions == i2v
+        with torch.no_grad():
+            _close(f"converted TP=2 output (i2v={i2v})", model(**args), want)
+        dist.barrier()
+
+
+@dist_case(world_size=2)
 def case_cp2_constraint_errors():
     from mindspeed_mm.config.model import PredictorConfig
     from mindspeed_mm.models.predictor import StepVideoDiT
