@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mindspeed_mm.checkpoint.convert import ConversionError, export, merge, split
 from mindspeed_mm.checkpoint.megatron_layout import CheckpointError
+from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError
 from mindspeed_mm.tools.dit_weights import write_tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +123,15 @@ def test_errors_name_the_path_and_the_fix(tmp_path):
     with pytest.raises(ConversionError, match=r"--num_heads 8 does not match the checkpoint's 4 heads"):
         split(src, tmp_path / "out", 1, [2], 2, num_heads=8)
     assert not (tmp_path / "out").exists()
+
+    odd = write_tiny_dit(tmp_path / "odd", num_shards=1, num_layers=2, **TINY)
+    weights = load_file(odd / "diffusion_pytorch_model.safetensors")
+    weights["foo.weight"] = torch.zeros(2)
+    del weights["proj_out.bias"]
+    save_file(weights, str(odd / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)missing keys \(1\): proj_out.bias.*unexpected keys "
+                                                      r"\(1\): foo.weight"):
+        split(odd, tmp_path / "out", 1, [2], 2)
 
     split(src, tmp_path / "converted", 2, [2], 2, log=lambda m: None)
     (tmp_path / "converted/latest_checkpointed_iteration.txt").write_text("100")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mindspeed_mm.checkpoint.convert import ConversionError, export, merge, split  # noqa: E402
 from mindspeed_mm.checkpoint.megatron_layout import CheckpointError  # noqa: E402
+from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         convert = split if args.mode == "split" else merge
         convert(args.source_path, args.target_path, args.tp_size, pp_layers, args.num_layers,
                 num_heads=args.num_heads, overwrite=args.overwrite)
-    except (ConversionError, CheckpointError, FileNotFoundError) as exc:
+    except (ConversionError, CheckpointError, CheckpointMismatchError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

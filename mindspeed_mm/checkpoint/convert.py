@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..models.common.safetensors_io import check_keys_and_shapes
 from ..models.predictor.stepvideo import state_dict_adapter as adapter
 from .megatron_layout import (
     CHECKPOINT_FILENAME,
@@ -116,22 +117,6 @@ def _check_blocks(keys: Sequence[str], num_layers: int, source: str, flag_value:
             f"{_listing(map(str, extra))} exist beyond layer {num_layers - 1}. Set --num_layers {have}; "
             f"blocks are never dropped silently."
         )
-
-
-def _check_key_set(found: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]], source: str) -> None:
-    missing = set(expected) - set(found)
-    unexpected = set(found) - set(expected)
-    shapes = [f"{k}: {tuple(found[k])} vs expected {tuple(expected[k])}"
-              for k in sorted(set(found) & set(expected)) if tuple(found[k]) != tuple(expected[k])]
-    if missing or unexpected or shapes:
-        parts = [f"{source} does not hold a StepVideo DiT of the expected architecture:"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:8])}")
-        raise ConversionError("\n".join(parts))
 
 
 def _stage_of(key: str, pp_layers: Sequence[int]) -> List[Tuple[int, str]]:
@@ -305,7 +290,7 @@ def split(source_path, target_path, tp_size: int, pp_layers: Sequence[int], num_
         raise ConversionError(f"{source / OFFICIAL_CONFIG} says num_layers {config['num_layers']} but --num_layers is "
                               f"{num_layers}; they must agree.")
     expected = adapter.official_param_shapes(config)
-    _check_key_set({k: s for k, (_, s) in headers.items()}, expected, str(source))
+    check_keys_and_shapes(expected, {k: s for k, (_, s) in headers.items()}, str(source))
     heads = config["num_attention_heads"]
     if num_heads is not None and num_heads != heads:
         raise ConversionError(f"--num_heads {num_heads} does not match the checkpoint's {heads} heads "
@@ -404,7 +389,7 @@ def _check_full(full: Dict[str, torch.Tensor], num_layers: Optional[int], source
         _check_blocks(list(full), num_layers, source, num_layers)
     config = _official_config_from_shapes({k: tuple(v.shape) for k, v in full.items()}, source)
     expected = {adapter.official_key_to_ours(k): s for k, s in adapter.official_param_shapes(config).items()}
-    _check_key_set({k: tuple(v.shape) for k, v in full.items()}, expected, source)
+    check_keys_and_shapes(expected, {k: tuple(v.shape) for k, v in full.items()}, source)
     return config
 
 
