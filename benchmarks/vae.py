@@ -40,21 +40,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mindspeed_mm.models.ae import StepVideoVAE, blocks  # noqa: E402
-from mindspeed_mm.tools.vae_weights import init_random_weights  # noqa: E402
+from mindspeed_mm.tools.vae_weights import init_random_weights, smooth_video  # noqa: E402
 
 TARGET = (17, 544, 992)
 DEFAULT_TILE, DEFAULT_OVERLAP = 256, 64
 LARGE_CONV_ELEMENTS = blocks.LARGE_CONV_ELEMENTS
 FRAME_BLOCK_ELEMENTS = blocks._FRAME_BLOCK_ELEMENTS
 
-
-def smooth_video(frames: int, height: int, width: int) -> torch.Tensor:
-    t = torch.linspace(0, 1, frames)[:, None, None]
-    y = torch.linspace(0, 1, height)[:, None]
-    x = torch.linspace(0, 1, width)[None, :]
-    channels = [torch.sin(2 * math.pi * (x + 0.5 * y + 0.3 * t)), torch.cos(2 * math.pi * (0.7 * x - y + 0.2 * t)),
-                torch.sin(math.pi * (x * y + t))]
-    return 0.8 * torch.stack(channels, dim=1)[None]
 
 
 def _return_freed_memory_to_the_os():

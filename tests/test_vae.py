@@ -23,13 +23,7 @@ GOLDEN_ARCH = dict(z_channels=4, encoder_ch=32, encoder_ch_mult=(2, 1, 1, 1), de
 TINY_V1 = dict(TINY_VAE_CONFIG, version=1, z_channels=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions on a shared machine run several times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(version=2, seed=0, **kw):

@@ -29,13 +29,7 @@ MOMENTS_TOL = _tol("output.moments/mean/logvar/sample")
 DECODED_TOL = _tol("output.decoded")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions on a shared machine run several times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

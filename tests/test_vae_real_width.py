@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mindspeed_mm.models.ae import StepVideoVAE
-from mindspeed_mm.tools.vae_weights import init_random_weights
+from mindspeed_mm.tools.vae_weights import init_random_weights, smooth_video
 
 # Tiled vs untiled on the smooth video below (1 frame, 32x64, 32-px windows overlapping by 16 px), as
 # mean |tiled - untiled| / std(untiled). Measured 0.45 (encode, posterior mean) and 0.70 (decode) with
@@ -16,15 +16,6 @@ from mindspeed_mm.tools.vae_weights import init_random_weights
 ENCODE_TILED_BOUND = 0.6
 DECODE_TILED_BOUND = 0.8
 
-
-def smooth_video(frames: int, height: int, width: int) -> torch.Tensor:
-    """A smooth moving colour pattern in [-0.8, 0.8], (1, T, 3, H, W)."""
-    t = torch.linspace(0, 1, frames)[:, None, None]
-    y = torch.linspace(0, 1, height)[:, None]
-    x = torch.linspace(0, 1, width)[None, :]
-    channels = [torch.sin(2 * math.pi * (x + 0.5 * y + 0.3 * t)), torch.cos(2 * math.pi * (0.7 * x - y + 0.2 * t)),
-                torch.sin(math.pi * (x * y + t))]
-    return 0.8 * torch.stack(channels, dim=1)[None]
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from mindspeed_mm.models.ae.tiling import ramp_weights, tile_starts, tiled_apply
 from mindspeed_mm.tools.vae_weights import TINY_VAE_CONFIG, init_random_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions on a shared machine run several times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("size, tile, overlap", [(64, 32, 16), (80, 32, 16), (100, 40, 8), (32, 32, 8), (20, 32, 8),

@@ -92,6 +92,16 @@ def write_vae_weights(path, seed: int = 0, dtype: torch.dtype = torch.float16,
     return section
 
 
+def smooth_video(frames: int, height: int, width: int) -> torch.Tensor:
+    """A smooth moving colour pattern in [-0.8, 0.8], (1, T, 3, H, W): the test and benchmark input."""
+    t = torch.linspace(0, 1, frames)[:, None, None]
+    y = torch.linspace(0, 1, height)[:, None]
+    x = torch.linspace(0, 1, width)[None, :]
+    channels = [torch.sin(2 * math.pi * (x + 0.5 * y + 0.3 * t)), torch.cos(2 * math.pi * (0.7 * x - y + 0.2 * t)),
+                torch.sin(math.pi * (x * y + t))]
+    return 0.8 * torch.stack(channels, dim=1)[None]
+
+
 def _mult(text: str) -> Tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
