@@ -288,3 +288,16 @@ def test_text_encoding_config_errors(tiny_weights, tmp_path):
     msg = str(err.value)
     assert "Step-LLM text encoder" in msg and "Expected layout of the official download" in msg
     assert "step1_chat_tokenizer.model" in msg and "clip_text_encoder" in msg
+
+
+def test_hunyuan_clip_path_errors(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)HunyuanCLIP text encoder .*'.*clip_text_encoder' "
+                                                   r"\(from_pretrained\) does not exist.*Expected layout"):
+        HunyuanClipEncoder.from_pretrained(str(tmp_path / "clip_text_encoder"))
+    (tmp_path / "clip_text_encoder").mkdir()
+    with pytest.raises(WeightsNotFoundError, match=r"has no config.json"):
+        HunyuanClipEncoder.from_pretrained(str(tmp_path / "clip_text_encoder"))
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'.*tokenizer' has no vocab.txt; point from_pretrained at "
+                                                r"hunyuan_clip/tokenizer"):
+        BertPromptTokenizer(str(tmp_path / "tokenizer"))
