@@ -140,6 +140,8 @@ class DiffusionConfig:
     shift: float = 13.0
     reverse: bool = False
     solver: Literal["euler"] = "euler"
+    # extension: shift the training timestep distribution like the sampling schedule (off by default).
+    train_shift: Optional[float] = None
 
 
 @dataclass

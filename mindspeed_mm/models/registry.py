@@ -42,5 +42,6 @@ def _import_builtin_models() -> None:
     # Importing the model packages runs their @register_model decorators.
     import importlib
 
-    for module in ("mindspeed_mm.models.predictor", "mindspeed_mm.models.ae", "mindspeed_mm.models.text_encoder"):
+    for module in ("mindspeed_mm.models.predictor", "mindspeed_mm.models.ae", "mindspeed_mm.models.text_encoder",
+                   "mindspeed_mm.models.diffusion"):
         importlib.import_module(module)
