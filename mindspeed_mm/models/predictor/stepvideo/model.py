@@ -19,6 +19,7 @@ Forward contract (see docs/api.md):
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence, Union
 
 import torch
@@ -34,6 +35,8 @@ from .layers import (AdaLayerNormSingle, PatchEmbed, StepVideoTransformerBlock, 
                      core_attention_fn, rope_cos_sin)
 from .parallelize import (check_frames_divisible, check_heads_divisible, cp_gather_frames, cp_split_frames,
                           current_parallel_state, megatron_config)
+
+logger = logging.getLogger(__name__)
 
 RECOMPUTE_GRANULARITY_FLAG = "--recompute-granularity"
 RECOMPUTE_METHOD_FLAG = "--recompute-method"
@@ -134,11 +137,15 @@ class StepVideoDiT(MegatronModule):
             raise ValueError(
                 f"{RECOMPUTE_GRANULARITY_FLAG} full needs {RECOMPUTE_METHOD_FLAG} block or uniform, got {method!r}."
             )
-        if num_layers is None or not 1 <= num_layers <= total:
+        if num_layers is None or num_layers < 1:
             raise ValueError(
-                f"{RECOMPUTE_NUM_LAYERS_FLAG} {num_layers} must be between 1 and the model's num_layers {total} "
-                f"(with {RECOMPUTE_METHOD_FLAG} {method})."
+                f"{RECOMPUTE_NUM_LAYERS_FLAG} {num_layers} must be at least 1 (with {RECOMPUTE_METHOD_FLAG} {method})."
             )
+        if num_layers > total:
+            # The seed's pretrain launchers pass 48 with 24-layer example configs: recompute every block.
+            logger.info("%s %d exceeds the model's %d layers; recomputing all of them.",
+                        RECOMPUTE_NUM_LAYERS_FLAG, num_layers, total)
+            num_layers = total
         self.recompute_granularity, self.recompute_method, self.recompute_num_layers = granularity, method, num_layers
 
     # --- forward ----------------------------------------------------------------------------
