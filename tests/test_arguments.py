@@ -93,7 +93,7 @@ def test_seed_pretrain_t2v_flags_parse(workspace):
     assert args.tensor_model_parallel_size == 8 and args.data_parallel_size == 1
     assert args.recompute_method == "block" and args.recompute_num_layers == 48
     assert args.adam_eps == 1e-15 and args.gradient_accumulation_fusion is False
-    assert args.mm.model.predictor.num_layers == 24 and args.mm.model.load_video_features is True
+    assert args.mm.model.predictor.num_layers == 48 and args.mm.model.load_video_features is True
     assert args.mm.data.dataset_param.dataset_type == "feature"
     assert args.mm.tool.sorafeature.save_path == "./sora_features"
     assert args.num_micro_batches == 1
