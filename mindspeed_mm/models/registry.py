@@ -42,6 +42,6 @@ def _import_builtin_models() -> None:
     # Importing the model packages runs their @register_model decorators.
     import importlib
 
-    for module in ("mindspeed_mm.models.predictor", "mindspeed_mm.models.ae", "mindspeed_mm.models.text_encoder",
-                   "mindspeed_mm.models.diffusion"):
+    for module in ("mindspeed_mm.models.predictor.stepvideo.model", "mindspeed_mm.models.ae",
+                   "mindspeed_mm.models.text_encoder", "mindspeed_mm.models.diffusion"):
         importlib.import_module(module)
