@@ -162,3 +162,10 @@ def test_target_is_never_half_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     split(src, target, 2, [2], 2, overwrite=True, log=lambda m: None)
     assert _rank_files(target) == ["release/mp_rank_00/model_optim_rng.pt", "release/mp_rank_01/model_optim_rng.pt"]
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+    proc = _run("--source_path", tmp_path / "nowhere", "--target_path", tmp_path / "out", "--tp_size", 2,
+                "--pp_size", 48, "--num_layers", 48, "--mode", "split")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --source_path") and "Traceback" not in proc.stderr

@@ -21,8 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mindspeed_mm.checkpoint.convert import ConversionError, export, merge, split  # noqa: E402
-from mindspeed_mm.checkpoint.megatron_layout import CheckpointError  # noqa: E402
-from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,22 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.mode == "export":
-            export(args.source_path, args.target_path, num_layers=args.num_layers, num_heads=args.num_heads,
-                   overwrite=args.overwrite, shard_size_gb=args.shard_size_gb)
-            return 0
-        if args.num_layers is None:
-            raise ConversionError(f"--mode {args.mode} needs --num_layers (48 for the released model).")
-        pp_layers = args.pp_size or [args.num_layers]
-        convert = split if args.mode == "split" else merge
-        convert(args.source_path, args.target_path, args.tp_size, pp_layers, args.num_layers,
-                num_heads=args.num_heads, overwrite=args.overwrite)
-    except (ConversionError, CheckpointError, CheckpointMismatchError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.mode == "export":
+        export(args.source_path, args.target_path, num_layers=args.num_layers, num_heads=args.num_heads,
+               overwrite=args.overwrite, shard_size_gb=args.shard_size_gb)
+        return 0
+    if args.num_layers is None:
+        raise ConversionError(f"--mode {args.mode} needs --num_layers (48 for the released model).")
+    pp_layers = args.pp_size or [args.num_layers]
+    convert = split if args.mode == "split" else merge
+    convert(args.source_path, args.target_path, args.tp_size, pp_layers, args.num_layers,
+            num_heads=args.num_heads, overwrite=args.overwrite)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mindspeed_mm.cli import run
+
+    sys.exit(run(main))

@@ -52,6 +52,10 @@ class _SubstitutingDataset(Dataset):
     def _load(self, index: int) -> Dict[str, Any]:
         raise NotImplementedError
 
+    def load(self, index: int) -> Dict[str, Any]:
+        """Exactly row `index`, without substitution; raises BadSampleError when it cannot be read."""
+        return self._load(index)
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         n = len(self.rows)
         if not -n <= index < n:

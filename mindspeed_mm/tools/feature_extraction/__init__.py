@@ -1,0 +1,1 @@
+"""Feature extraction: VAE latents and text-encoder states for training on features."""
