@@ -1,0 +1,265 @@
+"""The training loop shared by pretraining (t2v, i2v) and DPO: short and explicit.
+
+    pretrain(argv)          # pretrain_sora.py
+    pretrain(argv, "dpo")   # posttrain_dpo.py (the DPO model supplies its own loss)
+
+Steps: flags and configs (validated before anything heavy) -> runtime (TP, CP, DP) -> the DiT, loaded
+strictly from --load or predictor.from_pretrained -> Megatron DDP + (distributed) optimizer + LR schedule
+-> resume state -> data -> loop (micro-batches, grad sync, step, log, save).
+
+Numerics: the loss of a micro-batch is the mean per-sample flow-matching loss, computed on the full
+(context-parallel gathered) output on every CP rank; Megatron DDP averages gradients over data x context
+parallel ranks, which the DiT's CP gradient scaling makes exact. t and the noise come from a generator
+seeded by (seed, iteration, position of the micro-batch in the global batch): identical on the TP/CP
+ranks that share a batch, independent of the data-parallel size, and reproducible on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..arguments import ArgumentError, parse_args
+from .checkpointing import load_training_state, save_checkpoint
+
+logger = logging.getLogger("mindspeed_mm.training")
+
+
+def _print(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def noise_generator(seed: int, iteration: int, sample_slot: int) -> torch.Generator:
+    """The generator of t, noise (and i2v pixel noise) for one micro-batch.
+
+    `sample_slot` = micro-batch index x data-parallel size + data-parallel rank: the position of the
+    micro-batch in the global batch, which is the same whatever the data-parallel size (Megatron's
+    sampler gives DP rank r the r-th micro-batch of each group of DP micro-batches). So DP=2 with one
+    micro-batch each draws exactly what one process with two micro-batches draws.
+    """
+    mixed = (seed * 1_000_003 + iteration) * 1_000_033 + sample_slot
+    return torch.Generator().manual_seed(mixed % (2**63 - 1))
+
+
+def _params_dtype(args) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def build_predictor(args):
+    """The DiT in the flags' precision, from --load, predictor.from_pretrained, or (announced) random weights."""
+    from ..models.predictor import StepVideoDiT
+
+    cfg = replace(args.mm.model.predictor, dtype=_params_dtype(args))
+    source = args.load or cfg.from_pretrained
+    if source:
+        _print(f"loading the DiT from {source}")
+        dit = StepVideoDiT.from_pretrained(source, replace(cfg, from_pretrained=None))
+    else:
+        _print("WARNING: neither --load nor predictor.from_pretrained is set: the DiT starts from RANDOM weights. "
+               "Set LOAD_PATH (a converted checkpoint) to fine-tune the released model.")
+        dit = StepVideoDiT(cfg)
+    dit.configure_recompute(args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+    return dit.train()
+
+
+def build_model(args, model_cls=None):
+    """SoRAModel (or `model_cls`) around the DiT, with the frozen encoders when the data are raw videos."""
+    from ..models.ae import StepVideoVAE
+    from ..models.diffusion import FlowMatchScheduler
+    from ..models.sora_model import SoRAModel
+    from ..models.text_encoder import StepVideoTextEncoder
+    from ..runtime import current_device
+
+    model_cfg = args.mm.model
+    if model_cfg.predictor is None or model_cfg.diffusion is None:
+        raise ArgumentError(f"{args.mm_model} needs the 'predictor' and 'diffusion' sections for training.")
+    vae = encoder = None
+    if not model_cfg.load_video_features:
+        if model_cfg.ae is None:
+            raise ArgumentError(f"{args.mm_model}: load_video_features is false, so the 'ae' section is needed.")
+        vae = StepVideoVAE.from_config(model_cfg.ae, device=current_device())
+        vae.decode_group = None
+    if not model_cfg.load_text_features:
+        tokenizers = (args.mm.data.dataset_param.tokenizer_config if args.mm.data is not None else None) \
+            or model_cfg.tokenizer
+        if not model_cfg.text_encoder or not tokenizers:
+            raise ArgumentError(f"{args.mm_model}: load_text_features is false, so 'text_encoder' (model JSON) and "
+                                f"the tokenizers (dataset_param.tokenizer_config) are needed.")
+        encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=current_device())
+    i2v = model_cfg.predictor.use_additional_conditions
+    cls = model_cls or SoRAModel
+    return cls(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae,
+               text_encoder=encoder, i2v=i2v)
+
+
+def build_optimizer(args, ddp_model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    # Megatron exempts biases and norms from weight decay only through these overrides, applied as
+    # wd_mult by the scheduler below (docs/architecture.md).
+    optimizer = get_megatron_optimizer(config, [ddp_model], config_overrides=get_standard_config_overrides(config))
+    warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=args.lr_decay_iters or args.train_iters, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def format_log_line(iteration: int, train_iters: int, consumed: int, elapsed_ms: float, lr: float, gbs: int,
+                    loss: float, grad_norm: Optional[float], skipped: int, nan_iters: int) -> str:
+    """Megatron's log line: the seed's launchers read the iteration time as field 5 of a ':' split."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    norm = f"{grad_norm:.3f}" if grad_norm is not None else "nan"
+    return (f" [{stamp}] iteration {iteration:8d}/{train_iters:8d} | consumed samples: {consumed:12d} | "
+            f"elapsed time per iteration (ms): {elapsed_ms:.1f} | learning rate: {lr:.6E} | "
+            f"global batch size: {gbs:5d} | loss: {loss:.6E} | loss scale: 1.0 | grad norm: {norm} | "
+            f"number of skipped iterations: {skipped:3d} | number of nan iterations: {nan_iters:3d} |")
+
+
+class MetricsLog:
+    """Metrics as JSON lines (always) and to TensorBoard (when installed and --tensorboard-dir is set)."""
+
+    def __init__(self, path: Path, tensorboard_dir: Optional[str]):
+        self.path = path
+        self.writer = None
+        if dist.get_rank() != 0:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(tensorboard_dir)
+            except ImportError:
+                _print(f"notice: --tensorboard-dir {tensorboard_dir} ignored: tensorboard is not installed "
+                       f"(metrics still go to {path}).")
+
+    def write(self, iteration: int, metrics: dict) -> None:
+        if dist.get_rank() != 0:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, iteration)
+
+
+def _mean_over(values: Sequence[torch.Tensor], group) -> float:
+    total = torch.stack([v.float() for v in values]).mean().reshape(1)
+    dist.all_reduce(total, group=group)
+    return total.item() / dist.get_world_size(group)
+
+
+def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", model_cls=None,
+             step_fn: Optional[Callable] = None) -> dict:
+    """Run training; returns a summary (iteration, last loss, consumed samples). See the module docstring.
+
+    `model_cls` replaces SoRAModel (DPO); `step_fn(model, batch, generator) -> (loss (b,), metrics)` replaces
+    the plain loss call.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from ..data import build_dataloader, build_dataset, build_tokenizers
+    from ..runtime import initialize_runtime
+
+    args = parse_args(argv, entry=entry)
+    initialize_runtime(args.tensor_model_parallel_size, args.context_parallel_size,
+                       args.pipeline_model_parallel_size, seed=args.seed, backend=args.distributed_backend,
+                       timeout_minutes=args.distributed_timeout_minutes)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(args, model_cls)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    optimizer, scheduler = build_optimizer(args, ddp)
+    iteration, consumed = 0, 0
+    if args.load:
+        iteration, consumed = load_training_state(
+            args.load, optimizer, scheduler, args.use_distributed_optimizer, finetune=args.finetune,
+            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, log=_print)
+
+    data_cfg = args.mm.data
+    raw = data_cfg.dataset_param.dataset_type != "feature"
+    dataset = build_dataset(data_cfg, tokenizers=build_tokenizers(data_cfg.dataset_param) if raw else None,
+                            seed=args.seed)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    loader = build_dataloader(dataset, data_cfg, dp_rank=dp_rank, dp_size=dp_size,
+                              micro_batch_size=args.micro_batch_size, consumed_samples=consumed, seed=args.seed,
+                              num_workers=args.num_workers)
+    batches = iter(loader)
+    metrics = MetricsLog(Path(args.save or "logs") / "metrics.jsonl", args.tensorboard_dir)
+    dp_group = ps.get_data_parallel_group()
+    step = step_fn or (lambda m, batch, gen: (m(batch, gen), {}))
+    skipped = nan_iters = 0
+    window_start, window_iters = time.time(), 0
+    last_loss = math.nan
+    saved_at = None
+    _print(f"training: iterations {iteration} -> {args.train_iters}, global batch {args.global_batch_size} = "
+           f"micro-batch {args.micro_batch_size} x {args.num_micro_batches} micro-batches x data parallel {dp_size} "
+           f"(TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size})")
+    while iteration < args.train_iters:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses, extras = [], {}
+        for micro in range(args.num_micro_batches):
+            batch = next(batches)
+            loss, extra = step(ddp, batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank))
+            (loss.mean() / args.num_micro_batches).backward()
+            losses.append(loss.detach().mean())
+            for key, value in extra.items():
+                extras.setdefault(key, []).append(value.detach().float().mean())
+        ddp.finish_grad_sync()
+        ok, grad_norm, _ = optimizer.step()
+        iteration += 1
+        consumed += args.global_batch_size
+        if ok:
+            scheduler.step(increment=1)
+        else:
+            skipped += 1
+        last_loss = _mean_over(losses, dp_group)
+        if not math.isfinite(last_loss):
+            nan_iters += 1
+        window_iters += 1
+        values = {"loss": last_loss, "learning_rate": optimizer.param_groups[0]["lr"],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  "consumed_samples": consumed}
+        values.update({k: _mean_over(v, dp_group) for k, v in extras.items()})
+        metrics.write(iteration, values)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
+            _print(format_log_line(iteration, args.train_iters, consumed, elapsed_ms, values["learning_rate"],
+                                   args.global_batch_size, last_loss, values["grad_norm"], skipped, nan_iters))
+            window_start, window_iters = time.time(), 0
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed,
+                            args.use_distributed_optimizer, args.no_save_optim, args.no_save_rng, log=_print)
+            saved_at = iteration
+    if args.save and saved_at != iteration:
+        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed, args.use_distributed_optimizer,
+                        args.no_save_optim, args.no_save_rng, log=_print)
+    return {"iteration": iteration, "loss": last_loss, "consumed_samples": consumed}
