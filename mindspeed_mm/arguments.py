@@ -264,9 +264,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.entry == "inference" and args.mm.model is None:
         raise ArgumentError("inference needs --mm-model.")
     if args.load is not None and not os.path.exists(args.load):
+        alternative = ("or drop --load to train from random weights" if args.entry in ("pretrain", "generic")
+                       else "or set predictor.from_pretrained to the official transformer/ folder")
         raise ArgumentError(
             f"--load {args.load} does not exist. Point LOAD_PATH at the folder the converter wrote "
-            f"(it holds latest_checkpointed_iteration.txt), or drop --load to start from random weights."
+            f"(it holds latest_checkpointed_iteration.txt), {alternative}."
         )
     _check_config_paths(args)
 

@@ -154,6 +154,9 @@ class PipelineConfig:
     guidance_scale: float = 9.0
     model_type: Literal["t2v", "i2v"] = "t2v"
     motion_score: float = 5.0
+    # extension: the magic prompt strings; null keeps the released t2v/i2v defaults.
+    positive_magic: Optional[str] = None
+    negative_magic: Optional[str] = None
 
     def validate(self) -> None:
         if len(self.input_size) != 3:

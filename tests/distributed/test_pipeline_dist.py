@@ -6,6 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from tests.distributed.harness import dist_case, pytest_cases
@@ -32,6 +33,129 @@ def case_feature_extraction_data_parallel():
     # Rank 0 took rows 0 and 2, rank 1 the corrupt row 1; the merged list keeps manifest order.
     assert [r["file"] for r in rows] == ["features/videos_a_1_mp4.pt", "features/videos_b_1_mp4.pt"]
     assert not list((root / "features_out").glob(".data.rank*"))
+    dist.barrier()
+
+
+# ---- inference (inference_sora.py / mindspeed_mm.inference) ------------------------------------------
+
+
+_inference_roots = []
+
+
+def _inference_download(root: Path) -> dict:
+    """A tiny t2v download plus an i2v transformer/ of the same widths, written once per launch by rank 0 under
+    the first case's folder and shared by the later cases."""
+    from mindspeed_mm.tools.dit_weights import write_tiny_dit
+    from mindspeed_mm.tools.tiny_weights import TINY_WIDTHS, write_tiny_download
+
+    if not _inference_roots:
+        _inference_roots.append(root)
+    root = _inference_roots[0]
+    if dist.get_rank() == 0 and not (root / "weights" / "model_sections.json").exists():
+        sections = write_tiny_download(root / "weights", task="t2v")
+        w = TINY_WIDTHS
+        write_tiny_dit(root / "weights" / "transformer_i2v", num_shards=1, seed=1, num_layers=w["dit_layers"],
+                       num_heads=w["dit_heads"], head_dim=w["dit_head_dim"], in_channels=sections["ae"]["z_channels"],
+                       caption_channels=(w["llm_hidden"], w["clip_hidden"]), use_additional_conditions=True)
+    dist.barrier()
+    return json.loads((root / "weights" / "model_sections.json").read_text())
+
+
+def _i2v_transformer() -> Path:
+    return _inference_roots[0] / "weights" / "transformer_i2v"
+
+
+def _local_reference(model_path: Path, prompts, seeds, images=None):
+    """The same videos computed by one process alone (TP = CP = 1, no process group in the pipeline)."""
+    from mindspeed_mm.config import from_dict
+    from mindspeed_mm.config.model import MMModelConfig
+    from mindspeed_mm.inference import StepVideoPipeline
+    from mindspeed_mm.models.ae import StepVideoVAE
+    from mindspeed_mm.models.predictor import StepVideoDiT
+    from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
+    from mindspeed_mm.runtime import initialize_model_parallel
+
+    initialize_model_parallel(1, 1)
+    cfg = from_dict(MMModelConfig, json.loads(model_path.read_text()), source=str(model_path))
+    dit = StepVideoDiT.from_pretrained(cfg.predictor.from_pretrained, cfg.predictor).eval()
+    encoder = StepVideoTextEncoder.from_configs(cfg.text_encoder, cfg.tokenizer)
+    pipe = StepVideoPipeline.from_config(cfg, dit, StepVideoVAE.from_config(cfg.ae), encoder, None)
+    return pipe(prompts, seeds=seeds, images=images)
+
+
+def _assert_same_videos(got: dict, reference, what: str) -> None:
+    for i, video in got.items():
+        diff = (video.int() - reference[i].int()).abs()
+        # Different batch compositions and TP reductions change float sums in the last bits: at most one level.
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (what, i, diff.max(), (diff > 0).float().mean())
+
+
+@dist_case(world_size=2)
+def case_inference_dp2_and_tp2_match_one_process():
+    from inference_sora import main
+    from mindspeed_mm.arguments import parse_args
+    from mindspeed_mm.inference import run_inference
+    from mindspeed_mm.runtime import initialize_model_parallel
+    from tests.helpers.inference_fixtures import inference_argv, model_json, write_lines
+
+    root = _shared_tmp()
+    sections = _inference_download(root)
+    prompts = ["a cat walks along a windowsill", "一只猫", "waves on black rocks"]
+    prompt_file = root / "prompts.txt"
+    if dist.get_rank() == 0:
+        write_lines(prompt_file, prompts)
+        for name in ("dp", "tp"):
+            model_json(sections, "t2v", root, prompt=prompt_file, save_path=root / name, name=f"{name}.json")
+    dist.barrier()
+
+    # TP = 2 through the command line: rank 0 (TP rank 0) writes the three videos and the grid.
+    assert main(inference_argv(root / "tp.json", tp=2, seed=5)) == 0
+    assert sorted(p.name for p in (root / "tp").iterdir()) == ["video_0.mp4", "video_1.mp4", "video_2.mp4",
+                                                               "video_grid.mp4"]
+    tp = run_inference(parse_args(inference_argv(root / "tp.json", tp=2, seed=5), entry="inference"),
+                       keep_videos=True)
+    assert tp.indices == [0, 1, 2] and (tp.saved != []) == (dist.get_rank() == 0)
+
+    # DP = 2, micro-batch 2: rank 0 makes videos 0 and 2 in one batch, rank 1 video 1; each saves its own.
+    initialize_model_parallel(1, 1)
+    dp = run_inference(parse_args(inference_argv(root / "dp.json", mbs=2, seed=5), entry="inference"),
+                       keep_videos=True)
+    assert dp.indices == ([0, 2] if dist.get_rank() == 0 else [1])
+    assert [Path(p).name for p in dp.saved] == [f"video_{i}.mp4" for i in dp.indices]
+    assert (dp.grid is not None) == (dist.get_rank() == 0)
+
+    reference = _local_reference(root / "dp.json", prompts, seeds=[5, 6, 7])
+    _assert_same_videos(tp.videos, reference, "TP=2")
+    _assert_same_videos(dp.videos, reference, "DP=2")
+    dist.barrier()
+
+
+@dist_case(world_size=2)
+def case_inference_i2v_cp2_matches_one_process():
+    from mindspeed_mm.arguments import parse_args
+    from mindspeed_mm.inference import run_inference
+    from mindspeed_mm.runtime import initialize_model_parallel
+    from tests.helpers.inference_fixtures import inference_argv, model_json, pattern_image, write_lines, write_png
+
+    root = _shared_tmp()
+    sections = _inference_download(root)
+    i2v = dict(sections, predictor=dict(sections["predictor"], use_additional_conditions=True,
+                                        from_pretrained=str(_i2v_transformer())))
+    if dist.get_rank() == 0:
+        write_lines(root / "prompts.txt", ["笑起来"])
+        write_png(root / "first.png", pattern_image(40, 56))
+        write_lines(root / "images.txt", [str(root / "first.png")])
+        # 34 frames -> 6 latent frames: split over CP = 2 in the DiT, two VAE chunks decoded one per rank.
+        model_json(i2v, "i2v", root, prompt=root / "prompts.txt", image=root / "images.txt", videos_per_prompt=2,
+                   input_size=[34, 32, 32], name="i2v.json")
+    dist.barrier()
+    initialize_model_parallel(1, 2)
+    cp = run_inference(parse_args(inference_argv(root / "i2v.json", cp=2, seed=9), entry="inference"),
+                       keep_videos=True)
+    assert cp.indices == [0, 1] and cp.videos[0].shape == (34, 32, 32, 3)
+    assert not torch.equal(cp.videos[0], cp.videos[1])  # two samples of the prompt
+    reference = _local_reference(root / "i2v.json", ["笑起来"] * 2, seeds=[9, 10], images=[root / "first.png"] * 2)
+    _assert_same_videos(cp.videos, reference, "i2v CP=2")
     dist.barrier()
 
 

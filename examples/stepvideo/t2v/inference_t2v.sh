@@ -1,0 +1,78 @@
+#!/bin/bash
+# StepVideo text-to-video inference (推理).
+# Set LOAD_PATH to the converted DiT checkpoint (the folder holding latest_checkpointed_iteration.txt, written by
+# examples/stepvideo/convert_ckpt_to_mm.py with --tp_size equal to TP below), edit the weight paths, prompt file and
+# save_path in the model JSON, then run from the repository root:
+#     bash examples/stepvideo/t2v/inference_t2v.sh
+# Any variable below can be set in the environment instead, e.g. LOAD_PATH=./StepVideo-Converted NPUS_PER_NODE=8.
+# Outputs: save_path/video_{i}.mp4 (i = prompt_index * num_inference_videos_per_sample + k) and video_grid.mp4.
+set -o pipefail
+
+# Ascend: CANN environment (skipped where it is not installed, e.g. on GPU or CPU machines).
+ASCEND_ENV=${ASCEND_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}
+[ -f "$ASCEND_ENV" ] && source "$ASCEND_ENV"
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
+export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}
+
+NPUS_PER_NODE=${NPUS_PER_NODE:-${GPUS_PER_NODE:-4}}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
+
+# TP x CP ranks work on the same videos; WORLD_SIZE / (TP x CP) data-parallel groups share the prompts.
+TP=${TP:-4}
+PP=1
+CP=${CP:-1}
+MBS=${MBS:-1}
+GBS=$((WORLD_SIZE * MBS / CP / TP))
+
+MM_MODEL=${MM_MODEL:-"examples/stepvideo/t2v/inference_t2v_model.json"}
+LOAD_PATH=${LOAD_PATH:-"your_converted_dit_ckpt_dir"}
+LOG_DIR=${LOG_DIR:-logs}
+
+DISTRIBUTED_ARGS="
+    --nproc_per_node $NPUS_PER_NODE \
+    --nnodes $NNODES \
+    --node_rank $NODE_RANK \
+    --master_addr $MASTER_ADDR \
+    --master_port $MASTER_PORT
+"
+
+MM_ARGS="
+    --mm-model $MM_MODEL
+"
+
+# lr, iterations and Adam settings are accepted for compatibility with the seed and unused by inference.
+SORA_ARGS="
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
+    --context-parallel-size ${CP} \
+    --context-parallel-algo ulysses_cp_algo \
+    --micro-batch-size ${MBS} \
+    --global-batch-size ${GBS} \
+    --lr 2e-5 \
+    --min-lr 2e-5 \
+    --train-iters 5010 \
+    --weight-decay 0 \
+    --clip-grad 1 \
+    --adam-beta1 0.9 \
+    --adam-beta2 0.999 \
+    --no-gradient-accumulation-fusion \
+    --no-load-optim \
+    --no-load-rng \
+    --no-save-optim \
+    --no-save-rng \
+    --bf16 \
+    --seed ${SEED:-1234} \
+    --load $LOAD_PATH \
+    --distributed-timeout-minutes 20 \
+"
+
+logfile=$(date +%Y%m%d)_$(date +%H%M%S)
+mkdir -p "$LOG_DIR"
+torchrun $DISTRIBUTED_ARGS inference_sora.py \
+    $MM_ARGS \
+    $SORA_ARGS 2>&1 | tee "$LOG_DIR/inference_t2v_${logfile}.log"
