@@ -43,6 +43,7 @@ from .megatron_layout import (
     rank_dir_name,
     read_tracker,
     scan_rank_dirs,
+    torch_load,
     write_tracker,
 )
 
@@ -321,7 +322,7 @@ def split(source_path, target_path, tp_size: int, pp_layers: Sequence[int], num_
 def _load_rank(path: Path, log) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; the checkpoint is incomplete.")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch_load(path)
     if not isinstance(payload, dict) or "model" not in payload:
         found = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} has no 'model' entry (found {found}); expected torch.save({{'model': ...}}).")

@@ -153,11 +153,44 @@ def checkpoint_file(directory, tp_rank: int, tp_size: int, iteration: Optional[I
     return path
 
 
+def _basic_safe_globals() -> list:
+    import argparse
+    import io
+    import pathlib
+    import types
+
+    import numpy as np
+
+    names = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, io.BytesIO, np.ndarray, np.dtype]
+    try:  # numpy >= 2 moved the pickling helper
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    names.append(_reconstruct)
+    names.extend(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))
+    return names
+
+
+def torch_load(path) -> dict:
+    """torch.load with weights_only=True, allowing the plain types that Megatron-style checkpoints carry
+    (numpy RNG states, argparse.Namespace args) and, when needed, Megatron-core's own safe classes."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_basic_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        from megatron.core.safe_globals import SAFE_GLOBALS  # enums and configs saved by Megatron-LM
+
+        with torch.serialization.safe_globals(_basic_safe_globals() + list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_model_state_dict(directory, tp_rank: int = 0, tp_size: int = 1,
                           iteration: Optional[Iteration] = None) -> Tuple[Dict[str, torch.Tensor], Path]:
     """(the "model" state dict of this TP rank, the file it came from)."""
     path = checkpoint_file(directory, tp_rank, tp_size, iteration)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch_load(path)
     if not isinstance(payload, dict) or "model" not in payload:
         keys = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(

@@ -32,6 +32,7 @@ from ..checkpoint.megatron_layout import (
     iteration_dir_name,
     rank_dir_name,
     read_tracker,
+    torch_load,
     tracker_path,
 )
 
@@ -39,17 +40,21 @@ DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
 
 
 def _rng_state() -> dict:
+    """This rank's RNG states, in types that torch.load(weights_only=True) accepts."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "tracker": get_cuda_rng_tracker().get_states()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"random": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
 
 
 def _set_rng_state(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -118,7 +123,7 @@ def load_training_state(load_dir, optimizer, scheduler, use_distributed_optimize
         return 0, 0
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     path = checkpoint_file(load_dir, tp_rank, tp, iteration)
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch_load(path)
     consumed = int(payload.get("consumed_samples", 0))
     if no_load_optim:
         log(f"--no-load-optim: resuming at iteration {iteration} with a fresh optimizer")

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -96,9 +96,10 @@ def build_model(args, model_cls=None):
                                 f"the tokenizers (dataset_param.tokenizer_config) are needed.")
         encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=current_device())
     i2v = model_cfg.predictor.use_additional_conditions
-    cls = model_cls or SoRAModel
-    return cls(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae,
-               text_encoder=encoder, i2v=i2v)
+    predictor, scheduler = build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion)
+    if model_cls is not None:  # e.g. SoRADPOModel, which also builds its frozen reference
+        return model_cls.from_training_args(args, predictor, scheduler, vae, encoder, i2v)
+    return SoRAModel(predictor, scheduler, vae=vae, text_encoder=encoder, i2v=i2v)
 
 
 def build_optimizer(args, ddp_model):
@@ -172,12 +173,11 @@ def _mean_over(values: Sequence[torch.Tensor], group) -> float:
     return total.item() / dist.get_world_size(group)
 
 
-def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", model_cls=None,
-             step_fn: Optional[Callable] = None) -> dict:
+def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", model_cls=None) -> dict:
     """Run training; returns a summary (iteration, last loss, consumed samples). See the module docstring.
 
-    `model_cls` replaces SoRAModel (DPO); `step_fn(model, batch, generator) -> (loss (b,), metrics)` replaces
-    the plain loss call.
+    `model_cls` (with a `from_training_args` constructor) replaces SoRAModel, e.g. SoRADPOModel. The model
+    returns per-sample losses (b,), or (losses, {metric name: (b,) tensor}) to log more.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -214,7 +214,6 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", mode
     batches = iter(loader)
     metrics = MetricsLog(Path(args.save or "logs") / "metrics.jsonl", args.tensorboard_dir)
     dp_group = ps.get_data_parallel_group()
-    step = step_fn or (lambda m, batch, gen: (m(batch, gen), {}))
     skipped = nan_iters = 0
     window_start, window_iters = time.time(), 0
     last_loss = math.nan
@@ -228,7 +227,8 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", mode
         losses, extras = [], {}
         for micro in range(args.num_micro_batches):
             batch = next(batches)
-            loss, extra = step(ddp, batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank))
+            out = ddp(batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank))
+            loss, extra = out if isinstance(out, tuple) else (out, {})
             (loss.mean() / args.num_micro_batches).backward()
             losses.append(loss.detach().mean())
             for key, value in extra.items():

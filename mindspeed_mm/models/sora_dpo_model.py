@@ -1,0 +1,88 @@
+"""SoRADPOModel: DPO post-training of the DiT against a frozen reference copy of itself.
+
+    loss, metrics = model(batch, generator)     # per-pair loss (b,)
+
+A batch holds preference pairs: "video" (the winner) and "video_rejected" (the loser), as raw pixels
+or extracted latents, one prompt per pair, and "score"/"score_rejected" for the optional pair weights.
+Both members of a pair are noised with the same t and the same noise (see `mindspeed_mm/dpo/loss.py`).
+The actor runs winner and loser in one batch of 2b; the reference runs them without gradients. Only the
+actor is trained and saved.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from ..dpo.loss import dpo_loss
+from .sora_model import SoRAModel
+
+
+class SoRADPOModel(SoRAModel):
+    def __init__(self, predictor, scheduler, reference, vae=None, text_encoder=None, i2v: bool = False,
+                 loss_beta: float = 2000.0, beta: float = 0.1, label_smoothing: float = 0.0, pref_ftx: float = 0.0,
+                 histogram: Optional[dict] = None, weight_alpha: float = 0.0, weight_beta: Optional[float] = None):
+        super().__init__(predictor, scheduler, vae=vae, text_encoder=text_encoder, i2v=i2v)
+        # Kept out of the module tree: DDP, the optimizer and checkpoints see the actor only.
+        self._reference = reference.eval().requires_grad_(False)
+        self.loss_beta, self.beta = loss_beta, beta
+        self.label_smoothing, self.pref_ftx = label_smoothing, pref_ftx
+        self.histogram, self.weight_alpha, self.weight_beta = histogram, weight_alpha, weight_beta
+
+    @classmethod
+    def from_training_args(cls, args, predictor, scheduler, vae, text_encoder, i2v: bool):
+        from ..arguments import ArgumentError
+        from ..training.train import build_predictor
+
+        dpo = args.mm.model.dpo
+        if dpo is None:
+            raise ArgumentError(f"{args.mm_model} has no 'dpo' section (histogram_path, weight_alpha, weight_beta, "
+                                f"loss_beta); DPO training needs it.")
+        histogram = None
+        if dpo.weight_alpha:
+            from ..dpo.histogram import load_histogram
+
+            histogram = load_histogram(dpo.histogram_path)
+        return cls(predictor, scheduler, build_predictor(args), vae=vae, text_encoder=text_encoder, i2v=i2v,
+                   loss_beta=dpo.loss_beta, beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
+                   pref_ftx=args.pref_ftx, histogram=histogram, weight_alpha=dpo.weight_alpha,
+                   weight_beta=dpo.weight_beta)
+
+    def _pair_weights(self, batch: Dict, b: int) -> Optional[torch.Tensor]:
+        if not self.weight_alpha:
+            return None
+        from ..dpo.histogram import pair_weight
+
+        scores_w, scores_l = batch["score"].tolist(), batch["score_rejected"].tolist()
+        return torch.tensor([pair_weight(self.histogram, sw, sl, self.weight_alpha, self.weight_beta)
+                             for sw, sl in zip(scores_w, scores_l)], dtype=torch.float32)
+
+    def forward(self, batch: Dict, generator: Optional[torch.Generator] = None):
+        if "video_rejected" not in batch:
+            raise ValueError("a DPO batch needs 'video_rejected': point data_path at the data.jsonl written by "
+                             "examples/stepvideo/histgram_generator.py (rows with file and file_rejected).")
+        x0_w, cond_w = self._latents(batch, generator)
+        x0_l, cond_l = self._latents({**batch, "video": batch["video_rejected"],
+                                      "image_latents": batch.get("image_latents_rejected", batch.get("image_latents"))},
+                                     generator)
+        prompt, prompt_mask = self._prompt(batch)
+        b = x0_w.shape[0]
+        t = self.scheduler.sample_timesteps(b, generator=generator)
+        t = t.to(self.predictor.dtype).float().to(x0_w.device)
+        noise = torch.randn(x0_w.shape, generator=generator, dtype=torch.float32).to(x0_w.device)
+        x0 = torch.cat([x0_w, x0_l]).float()
+        noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
+        x_t = self.scheduler.add_noise(x0, noise2, t2)
+        target = self.scheduler.velocity_target(x0, noise2)
+        prompt2 = [torch.cat([p, p]) for p in prompt]
+        mask2 = [torch.cat([m, m]) for m in prompt_mask]
+        extra = {}
+        if self.i2v:
+            extra = {"image_latents": torch.cat([cond_w, cond_l]), "motion_score": self.motion_score}
+        actor = self.scheduler.loss(self.predictor(x_t, t2, prompt2, mask2, **extra), target)
+        with torch.no_grad():
+            reference = self.scheduler.loss(self._reference(x_t, t2, prompt2, mask2, **extra), target)
+        loss, metrics = dpo_loss(actor[:b], actor[b:], reference[:b], reference[b:], t, self.loss_beta, self.beta,
+                                 self.label_smoothing, self.pref_ftx, self._pair_weights(batch, b))
+        return loss, metrics
