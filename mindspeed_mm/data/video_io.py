@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from fractions import Fraction
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -190,8 +190,6 @@ def write_video(path: str, frames, fps: float, crf: int = 17, codec: str = "libx
     The file is written under a temporary name and renamed, so a reader never sees half a video. H and W must be even
     (yuv420p). `crf` is the x264 quality (0 = lossless luma, 17 = visually lossless, 23 = x264's default).
     """
-    import av
-
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
@@ -207,13 +205,22 @@ def write_video(path: str, frames, fps: float, crf: int = 17, codec: str = "libx
         raise ValueError(f"{path}: yuv420p needs an even frame size, got {h}x{w}.")
     if fps <= 0:
         raise ValueError(f"{path}: fps must be positive, got {fps}.")
+    return encode_frames(path, iter(frames), h, w, fps, crf=crf, codec=codec)
+
+
+def encode_frames(path: str, frames: Iterator[np.ndarray], height: int, width: int, fps: float, crf: int = 17,
+                  codec: str = "libx264") -> str:
+    """Encode uint8 RGB (height, width, 3) frames from an iterator into `path`, atomically (temporary name, then
+    rename; removed on failure). Callers validate sizes; `write_video` is the checked front door."""
+    import av
+
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.partial{os.path.splitext(name)[1]}")
     try:
         with av.open(tmp, mode="w") as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": str(crf)}
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
@@ -221,8 +228,9 @@ def write_video(path: str, frames, fps: float, crf: int = 17, codec: str = "libx
             for packet in stream.encode():
                 container.mux(packet)
         os.replace(tmp, path)
-    except Exception:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-from fractions import Fraction
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..data import write_video
+from ..data.video_io import encode_frames
 
 GRID_NAME = "video_grid.mp4"
 GRID_PADDING = 1
@@ -97,33 +97,21 @@ def write_video_grid(paths: Sequence[str], out_path: str, fps: int, crf: int = 1
         decoders = [c.decode(s) for c, s in zip(containers, streams)]
         grid_h, grid_w = grid_frame_size(len(paths), height, width)
         origins = [tile_origin(i, len(paths), height, width) for i in range(len(paths))]
-        folder, name = os.path.split(os.path.abspath(out_path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.partial.mp4")
         canvas = np.zeros((grid_h, grid_w, 3), dtype=np.uint8)
-        try:
-            with av.open(tmp, mode="w") as out:
-                stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-                stream.width, stream.height, stream.pix_fmt = grid_w, grid_h, "yuv420p"
-                stream.options = {"crf": str(crf)}
-                while True:
-                    frames = [next(d, None) for d in decoders]
-                    if all(f is None for f in frames):
-                        break
-                    for (top, left), frame in zip(origins, frames):
-                        if frame is None:  # a shorter video: its tile goes black
-                            canvas[top:top + height, left:left + width] = 0
-                        else:
-                            canvas[top:top + height, left:left + width] = frame.to_ndarray(format="rgb24")
-                    for packet in stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")):
-                        out.mux(packet)
-                for packet in stream.encode():
-                    out.mux(packet)
-            os.replace(tmp, out_path)
-        except Exception:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        def grid_frames():
+            while True:
+                frames = [next(d, None) for d in decoders]
+                if all(f is None for f in frames):
+                    return
+                for (top, left), frame in zip(origins, frames):
+                    if frame is None:  # a shorter video: its tile goes black
+                        canvas[top:top + height, left:left + width] = 0
+                    else:
+                        canvas[top:top + height, left:left + width] = frame.to_ndarray(format="rgb24")
+                yield canvas
+
+        encode_frames(out_path, grid_frames(), grid_h, grid_w, fps, crf=crf)
     finally:
         for c in containers:
             c.close()

@@ -8,19 +8,8 @@
 # Outputs: save_path/video_{i}.mp4 (i = prompt_index * num_inference_videos_per_sample + k) and video_grid.mp4.
 set -o pipefail
 
-# Ascend: CANN environment (skipped where it is not installed, e.g. on GPU or CPU machines).
-ASCEND_ENV=${ASCEND_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}
-[ -f "$ASCEND_ENV" ] && source "$ASCEND_ENV"
-export CUDA_DEVICE_MAX_CONNECTIONS=1
-export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
-export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}
-
 NPUS_PER_NODE=${NPUS_PER_NODE:-${GPUS_PER_NODE:-4}}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
+source "$(dirname "${BASH_SOURCE[0]}")/../launch_env.sh"
 
 # TP x CP ranks work on the same videos; WORLD_SIZE / (TP x CP) data-parallel groups share the prompts.
 TP=${TP:-4}
@@ -31,15 +20,6 @@ GBS=$((WORLD_SIZE * MBS / CP / TP))
 
 MM_MODEL=${MM_MODEL:-"examples/stepvideo/t2v/inference_t2v_model.json"}
 LOAD_PATH=${LOAD_PATH:-"your_converted_dit_ckpt_dir"}
-LOG_DIR=${LOG_DIR:-logs}
-
-DISTRIBUTED_ARGS="
-    --nproc_per_node $NPUS_PER_NODE \
-    --nnodes $NNODES \
-    --node_rank $NODE_RANK \
-    --master_addr $MASTER_ADDR \
-    --master_port $MASTER_PORT
-"
 
 MM_ARGS="
     --mm-model $MM_MODEL
@@ -71,8 +51,6 @@ SORA_ARGS="
     --distributed-timeout-minutes 20 \
 "
 
-logfile=$(date +%Y%m%d)_$(date +%H%M%S)
-mkdir -p "$LOG_DIR"
 torchrun $DISTRIBUTED_ARGS inference_sora.py \
     $MM_ARGS \
-    $SORA_ARGS 2>&1 | tee "$LOG_DIR/inference_t2v_${logfile}.log"
+    $SORA_ARGS 2>&1 | tee "$LOG_DIR/inference_t2v_${LOG_STAMP}.log"

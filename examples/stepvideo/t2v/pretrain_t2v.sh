@@ -5,26 +5,8 @@
 # Any variable below can also be set in the environment (e.g. NPUS_PER_NODE=16 NNODES=2 NODE_RANK=1 ...).
 set -o pipefail
 
-# Ascend: CANN environment (skipped where it is not installed, e.g. on GPU or CPU machines).
-ASCEND_ENV=${ASCEND_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}
-[ -f "$ASCEND_ENV" ] && source "$ASCEND_ENV"
-# Only read by Megatron-core on CUDA; harmless elsewhere.
-export CUDA_DEVICE_MAX_CONNECTIONS=1
-export ASCEND_SLOG_PRINT_TO_STDOUT=${ASCEND_SLOG_PRINT_TO_STDOUT:-0}
-export ASCEND_GLOBAL_LOG_LEVEL=${ASCEND_GLOBAL_LOG_LEVEL:-3}
-export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-1}
-export COMBINED_ENABLE=${COMBINED_ENABLE:-1}
-export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}
-export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}
-export MULTI_STREAM_MEMORY_REUSE=${MULTI_STREAM_MEMORY_REUSE:-1}
-export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
-
 NPUS_PER_NODE=${NPUS_PER_NODE:-${GPUS_PER_NODE:-8}}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
+source "$(dirname "${BASH_SOURCE[0]}")/../launch_env.sh"
 
 TP=${TP:-8}
 PP=1
@@ -41,15 +23,6 @@ LOAD_PATH=${LOAD_PATH:-"your_converted_dit_ckpt_dir"}
 SAVE_PATH=${SAVE_PATH:-"your_ckpt_path_to_save"}
 TRAIN_ITERS=${TRAIN_ITERS:-5000}
 SAVE_INTERVAL=${SAVE_INTERVAL:-10000}
-LOG_DIR=${LOG_DIR:-logs}
-
-DISTRIBUTED_ARGS="
-    --nproc_per_node $NPUS_PER_NODE \
-    --nnodes $NNODES \
-    --node_rank $NODE_RANK \
-    --master_addr $MASTER_ADDR \
-    --master_port $MASTER_PORT
-"
 
 GPT_ARGS="
     --tensor-model-parallel-size ${TP} \
@@ -96,19 +69,13 @@ OUTPUT_ARGS="
     --ckpt-format torch \
 "
 
-logfile=$(date +%Y%m%d)_$(date +%H%M%S)
-mkdir -p "$LOG_DIR"
 torchrun $DISTRIBUTED_ARGS pretrain_sora.py \
     $GPT_ARGS \
     $MM_ARGS \
     $OUTPUT_ARGS \
     --distributed-backend nccl \
-    2>&1 | tee "$LOG_DIR/train_${logfile}.log"
+    2>&1 | tee "$LOG_DIR/train_${LOG_STAMP}.log"
 status=$?
 
-STEP_TIME=`grep "elapsed time per iteration" "$LOG_DIR/train_${logfile}.log" | awk -F ':' '{print$5}' | awk -F '|' '{print$1}' | head -n 200 | tail -n 100 | awk '{sum+=$1} END {if (NR != 0) printf("%.1f",sum/NR)}'`
-if [ -n "$STEP_TIME" ]; then
-    PERF=`awk 'BEGIN{printf "%.3f\n", '${GBS}'*1000/'${STEP_TIME}'}'`
-    echo "Elapsed Time Per iteration: $STEP_TIME, Average Samples per Second: $PERF"
-fi
+report_throughput "$LOG_DIR/train_${LOG_STAMP}.log" "$GBS"
 exit $status
