@@ -19,12 +19,15 @@ from .config.data import MMDataConfig
 from .config.model import MMModelConfig
 from .config.tool import MMToolConfig
 from .runtime.initialize import ParallelConfigError, validate_parallel_layout
+from .errors import MindSpeedMMError
 
 ENTRY_POINTS = ("pretrain", "inference", "dpo", "feature_extract", "generic")
 
 
-class ArgumentError(ValueError):
+class ArgumentError(MindSpeedMMError, ValueError):
     """A command line that cannot run; the message names the flags and the fix."""
+
+    same_on_all_ranks = True  # checks of flags and config files, identical on every rank
 
 
 @dataclass

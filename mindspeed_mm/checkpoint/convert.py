@@ -46,6 +46,7 @@ from .megatron_layout import (
     torch_load,
     write_tracker,
 )
+from ..errors import MindSpeedMMError
 
 OFFICIAL_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -55,7 +56,7 @@ PRE_PROCESS = ("pos_embed.", "adaln_single.", "caption_projection.", "clip_proje
 POST_PROCESS = ("scale_shift_table", "norm_out.", "proj_out.")
 
 
-class ConversionError(ValueError):
+class ConversionError(MindSpeedMMError, ValueError):
     """A conversion that cannot run; the message names the path or flag and the fix."""
 
 

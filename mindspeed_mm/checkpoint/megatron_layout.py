@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import torch
+from ..errors import MindSpeedMMError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
@@ -28,7 +29,7 @@ _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 Iteration = Union[int, str]  # an iteration number or "release"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MindSpeedMMError, ValueError):
     """A checkpoint folder that cannot be read as asked; the message names the path and the fix."""
 
 

@@ -14,12 +14,15 @@ import json
 import os
 import types
 from typing import Any, Dict, Literal, Type, TypeVar, Union, get_args, get_origin, get_type_hints
+from ..errors import MindSpeedMMError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(MindSpeedMMError, ValueError):
     """A config file or value that cannot be used; the message names the file and key."""
+
+    same_on_all_ranks = True  # checks of flags and config files, identical on every rank
 
 
 def _suggest(word: str, options) -> str:

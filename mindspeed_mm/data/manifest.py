@@ -20,13 +20,14 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
+from ..errors import MindSpeedMMError
 
 logger = logging.getLogger(__name__)
 
 DPO_KEYS = ("file_rejected", "score", "score_rejected")
 
 
-class ManifestError(ValueError):
+class ManifestError(MindSpeedMMError, ValueError):
     """A manifest that cannot be used at all; the message names the file."""
 
 

@@ -29,13 +29,14 @@ import json
 import math
 import os
 from typing import Dict, Iterable, Optional
+from ..errors import MindSpeedMMError
 
 HISTOGRAM_FIELDS = ("total_num", "max_num", "min_bin", "max_bin", "bin_width", "bin_size")
 DEFAULT_BIN_WIDTH = 0.1
 MIN_PAIR_PROBABILITY = 1e-3  # the floor of sqrt(P(s_w)·P(s_l)) in the pair weight, as in MindSpeed-MM
 
 
-class HistogramError(ValueError):
+class HistogramError(MindSpeedMMError, ValueError):
     """A histogram that cannot be built or a histogram file that is not valid; the message says why."""
 
 

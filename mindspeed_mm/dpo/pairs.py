@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .histogram import DEFAULT_BIN_WIDTH, compute_histogram
+from ..errors import MindSpeedMMError
 
 DATA_NAME = "data.jsonl"
 HISTOGRAM_NAME = "video_score_histogram.json"
@@ -41,7 +42,7 @@ SKIP_TIED = "all videos score the same"
 _VIDEO_RE = re.compile(r"^video_(\d+)\.mp4$")
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(MindSpeedMMError, ValueError):
     """Inputs that cannot give preference data; the message says which and why."""
 
 

@@ -37,6 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from ..errors import MindSpeedMMError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _FLAT_LEVEL = 1.0 / 255   # two flat frames agree when their levels differ by le
 _CHUNK = 16               # frames converted to float at a time
 
 
-class ScoringError(ValueError):
+class ScoringError(MindSpeedMMError, ValueError):
     """A scorer that cannot be built or run as asked; the message says what to do."""
 
 

@@ -22,11 +22,12 @@ from typing import Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..errors import MindSpeedMMError
 
 ImageLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
 
-class ImageReadError(ValueError):
+class ImageReadError(MindSpeedMMError, ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 

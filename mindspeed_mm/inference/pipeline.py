@@ -42,6 +42,7 @@ from ..models.ae import StepVideoI2VProcessor
 from ..models.diffusion import FlowMatchScheduler
 from .images import ImageLike, image_to_video
 from .outputs import to_uint8
+from ..errors import MindSpeedMMError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ NEGATIVE_MAGIC = {
 DEFAULT_MOTION_SCORE = 5.0
 
 
-class InferenceConfigError(ValueError):
+class InferenceConfigError(MindSpeedMMError, ValueError):
     """Pipeline settings that cannot work together; the message names the config key and the fix."""
 
 

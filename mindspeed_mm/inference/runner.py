@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .outputs import GRID_NAME, save_videos, video_name, write_video_grid
+from ..errors import MindSpeedMMError
 
 logger = logging.getLogger("mindspeed_mm.inference")
 
@@ -35,7 +36,7 @@ MAX_PROMPTS = 100
 TEXT_ENCODER_BATCH = 8
 
 
-class InferenceInputError(ValueError):
+class InferenceInputError(MindSpeedMMError, ValueError):
     """Prompt/image lists or settings that cannot run; the message names the file or key and the fix."""
 
 

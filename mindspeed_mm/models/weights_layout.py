@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ..errors import MindSpeedMMError
+
 OFFICIAL_LAYOUT = """\
 Expected layout of the official download (stepfun-ai/stepvideo-t2v or stepvideo-ti2v):
    stepvideo-ti2v/t2v
@@ -30,7 +32,7 @@ Expected layout of the official download (stepfun-ai/stepvideo-t2v or stepvideo-
        └── vae_v2.safetensors"""
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(MindSpeedMMError, FileNotFoundError):
     """A weights path that does not exist or lacks a file; the message shows the expected layout."""
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from . import cpu_adaptor
 from .device import get_device_type, resolve_backend, set_local_device
+from ..errors import MindSpeedMMError
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,10 @@ class ParallelLayout:
         return self.world_size // (self.tensor * self.context * self.pipeline)
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(MindSpeedMMError, ValueError):
     """A parallel layout that cannot work; the message names the flags and the fix."""
+
+    same_on_all_ranks = True  # checks of flags and config files, identical on every rank
 
 
 def validate_parallel_layout(world_size: int, tp: int, cp: int, pp: int) -> ParallelLayout:

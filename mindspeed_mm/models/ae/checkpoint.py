@@ -16,6 +16,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from safetensors import safe_open
+from ...errors import MindSpeedMMError
 
 WEIGHT_FILES = {2: "vae_v2.safetensors", 1: "vae.safetensors"}
 _DISK_PREFIX = "decoder.conv_out."
@@ -23,7 +24,7 @@ _MODULE_PREFIX = "decoder.conv_out.conv."
 _LIST_LIMIT = 12
 
 
-class VAEWeightsError(ValueError):
+class VAEWeightsError(MindSpeedMMError, ValueError):
     """A VAE weights file whose keys or shapes do not match the model; the message names file and keys."""
 
 

@@ -29,13 +29,14 @@ from mindspeed_mm.models.registry import register_model
 from . import checkpoint as ckpt
 from .networks import NUM_LEVELS, VideoDecoder, VideoEncoder, patch_channels
 from .tiling import tiled_apply
+from ...errors import MindSpeedMMError
 
 _AUTO = "auto"
 LOGVAR_RANGE = (-30.0, 20.0)
 MIX_REMAIN = 0.6
 
 
-class VAEInputError(ValueError):
+class VAEInputError(MindSpeedMMError, ValueError):
     """A video or latent tensor the VAE cannot take; the message says what is accepted."""
 
 

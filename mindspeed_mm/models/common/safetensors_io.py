@@ -16,9 +16,10 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from safetensors import safe_open
 from torch import nn
+from ...errors import MindSpeedMMError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(MindSpeedMMError, ValueError):
     """Checkpoint keys or shapes that do not match the model; the message lists them."""
 
 
