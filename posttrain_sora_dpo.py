@@ -7,12 +7,12 @@
 import sys
 
 from mindspeed_mm.cli import run
-from mindspeed_mm.models.sora_dpo_model import SoRADPOModel
 from mindspeed_mm.training import pretrain
+from mindspeed_mm.training.dpo import build_dpo_model
 
 
 def main(argv=None) -> int:
-    pretrain(argv, entry="dpo", model_cls=SoRADPOModel)
+    pretrain(argv, entry="dpo", build_model=build_dpo_model)
     return 0
 
 

@@ -20,7 +20,6 @@ setup(
         "transformers>=4.40",
         "sentencepiece>=0.1.99",
         "safetensors>=0.4",
-        "einops>=0.7",
         "av>=11",
         "tqdm",
     ],

@@ -80,6 +80,12 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--allow-tf32", action="store_true")
+    # fp16 loss scaling, Megatron's flags: a static --loss-scale, or the dynamic scaler's settings.
+    g.add_argument("--loss-scale", type=float, default=None)
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
@@ -195,6 +201,10 @@ def _check_config_paths(args: argparse.Namespace) -> None:
         if model.dpo is not None:
             _check_path(model.dpo.histogram_path, f"{src}: dpo.histogram_path",
                         "Run examples/stepvideo/histgram_generator.py first, or correct the path.")
+            if model.dpo.reference_path:
+                _check_path(model.dpo.reference_path, f"{src}: dpo.reference_path",
+                            "Point it at the DiT checkpoint the DPO run started from (a Megatron checkpoint or the "
+                            "official transformer/ folder).")
         if args.entry == "inference":
             _check_path(model.prompt, f"{src}: prompt", "Point it at a text file with one prompt per line.")
             _check_path(model.image, f"{src}: image", "Point it at a text file with one image path per line.")
@@ -236,6 +246,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive; StepVideo is trained in bf16: keep --bf16.")
     if args.micro_batch_size < 1:
         raise ArgumentError(f"--micro-batch-size {args.micro_batch_size} must be at least 1.")
+    if args.seed < 0:
+        raise ArgumentError(f"--seed {args.seed} must be a non-negative integer (the launchers pass 1234).")
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * layout.data
     per_step = args.micro_batch_size * layout.data

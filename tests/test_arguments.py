@@ -229,3 +229,14 @@ def test_training_entry_needs_configs_and_schedule(workspace):
     with pytest.raises(ArgumentError, match="--train-iters must be given"):
         parse_args(["--mm-model", str(workspace["t2v/pretrain_t2v_model.json"]),
                     "--mm-data", str(workspace["t2v/data_static_resolution.json"]), "--lr", "1e-5"], entry="pretrain")
+
+
+def test_patch_ae_float32_runs_the_vae_in_float32():
+    """`patch.ae_float32` (set in the guide's DPO model JSON) was parsed and read by nothing: the VAE ran in bf16."""
+    from mindspeed_mm.config import load_config
+    from mindspeed_mm.config.model import MMModelConfig
+
+    cfg = load_config(MMModelConfig, str(EXAMPLES / "t2v/posttrain_t2v_model.json"), "--mm-model")
+    assert cfg.patch.ae_float32 and cfg.ae.dtype == "fp32"
+    cfg = load_config(MMModelConfig, str(EXAMPLES / "feature_extract/model_stepvideo.json"), "--mm-model")
+    assert cfg.ae.dtype == "bf16"  # without the patch, ae.dtype is used as written

@@ -9,7 +9,7 @@ import torch
 from mindspeed_mm.config.data import (BasicParameters, DataloaderParam, DatasetParam, MMDataConfig,
                                       PreprocessParameters)
 from mindspeed_mm.data import (FeatureDataset, ManifestError, VideoTextDataset, build_dataloader, build_dataset,
-                               collate, decord_available)
+                               collate, decord_available, summarize_skipped)
 
 from .test_data_video import LEVEL0, LEVEL_STEP, make_video
 
@@ -122,7 +122,8 @@ def test_unreadable_videos_are_replaced_by_the_next_row(root, caplog):
 def test_no_readable_row_is_an_error(root):
     path = write_jsonl(root / "allbad.jsonl", [{"file": "videos/bad.mp4", "captions": "x"}] * 2)
     ds = build_dataset(config(path, root))
-    with pytest.raises(RuntimeError, match="allbad.jsonl: none of the 2 rows can be read"):
+    with pytest.raises(ManifestError, match=r"allbad.jsonl: none of the 2 rows can be read \(2 unreadable video "
+                                            r"\(lines 1, 2\)\)"):
         ds[0]
 
 
@@ -202,17 +203,19 @@ def test_feature_dataset_layout_and_bad_files(features, caplog):
 
 def test_feature_dpo_rows(features):
     path = write_jsonl(features / "dpo.jsonl", [
-        {"file": "features/good.pt", "file_rejected": "features/plain.pt", "captions": "p", "score": 0.6,
+        {"file": "features/plain.pt", "file_rejected": "features/good.pt", "captions": "p", "score": 0.6,
          "score_rejected": 0.1},
         {"file": "features/good.pt", "file_rejected": "features/short.pt", "captions": "p", "score": 0.6,
          "score_rejected": 0.1},
     ])
     ds = build_dataset(config(path, features, dataset_type="feature"))
     s = ds[0]
-    assert torch.equal(s["video_rejected"], torch.load(features / "features" / "plain.pt")["video"])
+    assert torch.equal(s["video_rejected"], torch.load(features / "features" / "good.pt")["video"])
     assert s["score"].item() == pytest.approx(0.6) and s["score_rejected"].item() == pytest.approx(0.1)
-    assert ds[1]["file"] == "features/good.pt" and "video_rejected" in ds[1]
-    assert ds.read_failures == {"bad DPO pair": 1}  # row 2's latents differ in shape; replaced by row 1
+    assert "image_latents" not in s and "image_latents_rejected" not in s  # a t2v winner: the loser's is unused
+    assert ds[1]["file"] == "features/plain.pt" and "video_rejected" in ds[1]
+    assert ds.read_failures == {"bad DPO pair": 1}  # row 2's latents differ in shape; replaced by row 1 (wrapping)
+    assert ds[1]["skipped_rows"] == [[2, "bad DPO pair"]]
 
 
 def test_collate():
@@ -227,3 +230,57 @@ def test_collate():
         collate(samples)
     with pytest.raises(ValueError, match="different keys"):
         collate([{"a": 1}, {"b": 1}])
+
+
+def test_samples_carry_the_rows_skipped_to_produce_them(root):
+    path = write_jsonl(root / "skips.jsonl", [{"file": "videos/a.mp4", "captions": "a"},
+                                              {"file": "videos/bad.mp4", "captions": "bad"},
+                                              {"file": "videos/bad.mp4", "captions": "bad again"},
+                                              {"file": "videos/c.mp4", "captions": "c"}])
+    cfg = config(path, root)
+    ds = build_dataset(cfg)
+    assert ds[0]["skipped_rows"] == []
+    assert ds[1]["skipped_rows"] == [[2, "unreadable video"], [3, "unreadable video"]]
+    assert ds[(2, 5)]["skipped_rows"] == [[3, "unreadable video"]]  # known bad: not re-read, still reported
+    assert ds.read_failures == {"unreadable video": 2}
+    (batch,) = list(build_dataloader(ds, cfg, dp_rank=0, dp_size=1, micro_batch_size=4, num_epochs=1))
+    assert batch["skipped_rows"] == [[], [[2, "unreadable video"], [3, "unreadable video"]],
+                                     [[3, "unreadable video"]], []]
+    assert batch["file"] == ["videos/a.mp4", "videos/c.mp4", "videos/c.mp4", "videos/c.mp4"]
+    pairs = [p for sample in batch["skipped_rows"] for p in sample]
+    assert summarize_skipped(pairs) == "2 rows skipped and replaced by the next readable row: 2 unreadable video " \
+                                       "(lines 2, 3)"
+
+
+def test_summarize_skipped_counts_each_line_once():
+    pairs = [[9, "unreadable .pt"], [7, "unreadable video"], [9, "unreadable .pt"], (7, "unreadable video")]
+    assert summarize_skipped(pairs) == ("2 rows skipped and replaced by the next readable row: 1 unreadable video "
+                                        "(line 7), 1 unreadable .pt (line 9)")
+    assert summarize_skipped([[4, "bad DPO pair"]]) == "1 row skipped and replaced by the next readable row: " \
+                                                      "1 bad DPO pair (line 4)"
+    assert summarize_skipped([]) == ""
+
+
+def test_caption_lists_are_redrawn_per_epoch_in_dataloader_workers(root):
+    from mindspeed_mm.data import ResumableDistributedSampler, choose_caption
+
+    captions = [f"caption {k}" for k in range(50)]
+    path = write_jsonl(root / "caps.jsonl", [{"file": f"videos/{n}.mp4", "captions": captions} for n in "abc"])
+    cfg = config(path, root, max_height=8, max_width=8, num_frames=2)
+    cfg.dataloader_param.shuffle = True
+    ds = build_dataset(cfg, seed=11)
+
+    def captions_of(consumed, epochs):
+        loader = build_dataloader(ds, cfg, dp_rank=0, dp_size=1, micro_batch_size=1, consumed_samples=consumed,
+                                  seed=11, num_workers=2, num_epochs=epochs)
+        return [(b["file"][0], b["caption"][0]) for b in loader]
+
+    full = captions_of(0, 3)
+    per_epoch = [dict(full[3 * e:3 * e + 3]) for e in range(3)]  # file -> caption, one dict per epoch
+    assert all(len(d) == 3 for d in per_epoch)
+    # Re-drawn each epoch, although the workers' dataset copies never saw a set_epoch call.
+    assert per_epoch[0] != per_epoch[1] and per_epoch[1] != per_epoch[2] and per_epoch[0] != per_epoch[2]
+    sampler = ResumableDistributedSampler(3, 0, 1, 1, shuffle=True, seed=11, drop_last=True, num_epochs=3,
+                                          with_epoch=True)
+    assert [c for _, c in full] == [choose_caption(captions, 11, i, e) for ((i, e),) in sampler]
+    assert captions_of(3, 3) == full[3:]  # resuming after one epoch draws the same captions

@@ -115,3 +115,61 @@ def test_choose_caption_is_seeded():
     assert picks != [choose_caption(caps, seed=2, index=i) for i in range(50)]
     assert picks != [choose_caption(caps, seed=1, index=i, epoch=1) for i in range(50)]
     assert choose_caption(["only"], seed=5, index=3) == "only"
+
+
+def test_paths_outside_data_folder_are_skipped_unless_allowed(folder, tmp_path_factory, caplog):
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (outside / "x.mp4").write_bytes(b"x")
+    (folder / "videos" / "sub").mkdir()
+    escape = "../" + outside.name + "/x.mp4"  # folder and outside share the pytest base folder
+    path = write_lines(folder / "data.jsonl", [
+        {"file": "videos/a.mp4", "captions": "ok"},                                  # 1
+        {"file": escape, "captions": "climbs out"},                                  # 2
+        {"file": str(outside / "x.mp4"), "captions": "absolute outside"},            # 3
+        {"file": str(folder / "videos" / "b.mp4"), "captions": "absolute inside"},   # 4 ok
+        {"file": "videos/sub/../../videos/c.mp4", "captions": "stays inside"},       # 5 ok
+        {"file": "videos/a.mp4", "file_rejected": escape, "captions": "p", "score": 1, "score_rejected": 0},  # 6
+        {"file": "../" + folder.name + "_no/x.mp4", "captions": "a sibling with a common prefix"},       # 7
+    ])
+    assert (folder / escape).is_file()
+    with caplog.at_level(logging.INFO):
+        m = read_manifest(path, str(folder))
+    assert [r.line for r in m.rows] == [1, 4, 5]
+    assert dict(m.skipped) == {"outside data_folder": [2, 3, 6, 7]}
+    assert "allow_paths_outside_data_folder" in caplog.text and str(folder) in caplog.text
+    allowed = read_manifest(path, str(folder), allow_outside=True, check_files=False)
+    assert [r.line for r in allowed.rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert allowed.rows[1].path == str(outside / "x.mp4")
+    only_outside = write_lines(folder / "out.jsonl", [{"file": escape, "captions": "x"}])
+    with pytest.raises(ManifestError, match=r"1 outside data_folder \(line 1\)\).*set basic_parameters\.data_folder "
+                                            r".*allow_paths_outside_data_folder true"):
+        read_manifest(only_outside, str(folder))
+
+
+def test_empty_data_folder_means_the_working_directory(folder, monkeypatch):
+    monkeypatch.chdir(folder / "videos")
+    path = write_lines(folder / "data.jsonl", [{"file": "a.mp4", "captions": "a"},
+                                               {"file": "../data.jsonl", "captions": "up"},
+                                               {"file": str(folder / "videos" / "b.mp4"), "captions": "b"}])
+    m = read_manifest(path, "")
+    assert [r.path for r in m.rows] == ["a.mp4", str(folder / "videos" / "b.mp4")]
+    assert dict(m.skipped) == {"outside data_folder": [2]}
+
+
+def test_build_dataset_reads_the_opt_in_key(folder, tmp_path_factory):
+    from mindspeed_mm.config import load_config
+    from mindspeed_mm.config.data import MMDataConfig
+    from mindspeed_mm.data import build_dataset
+
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (outside / "x.pt").write_bytes(b"x")
+    rows = write_lines(folder / "f.jsonl", [{"file": str(outside / "x.pt")}, {"file": "videos/a.mp4"}])
+    cfg = {"dataset_param": {"dataset_type": "feature", "basic_parameters": {
+        "data_path": rows, "data_folder": str(folder), "allow_paths_outside_data_folder": True}}}
+    (folder / "data.json").write_text(json.dumps(cfg))
+    ds = build_dataset(load_config(MMDataConfig, str(folder / "data.json"), "--mm-data"))
+    assert [r.path for r in ds.rows] == [str(outside / "x.pt")]
+    cfg["dataset_param"]["basic_parameters"]["allow_paths_outside_data_folder"] = False
+    (folder / "data.json").write_text(json.dumps(cfg))
+    with pytest.raises(ManifestError, match="1 outside data_folder"):
+        build_dataset(load_config(MMDataConfig, str(folder / "data.json"), "--mm-data"))

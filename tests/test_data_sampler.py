@@ -5,6 +5,7 @@ from itertools import islice
 import pytest
 import torch
 
+from mindspeed_mm.config.base import ConfigError
 from mindspeed_mm.data import ResumableDistributedSampler as Sampler
 
 
@@ -52,6 +53,40 @@ def test_no_drop_last_completes_the_last_step_for_every_rank():
     assert all(len(b) == 2 for rank in batches for b in rank)
 
 
+@pytest.mark.parametrize("n, dp, mbs", [(3, 8, 1), (1, 8, 2), (5, 8, 1), (7, 4, 3), (2, 3, 4), (9, 8, 1)])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_no_drop_last_small_datasets_fill_every_rank(n, dp, mbs, shuffle):
+    # Fewer samples than one step (e.g. 3 DPO pairs at DP 8): the epoch order is repeated until the step is full.
+    epochs = 3
+    ranks = [list(Sampler(n, r, dp, mbs, shuffle=shuffle, seed=5, drop_last=False, num_epochs=epochs))
+             for r in range(dp)]
+    steps = -(-n // (dp * mbs))
+    assert all(len(batches) == steps * epochs for batches in ranks)  # every rank runs the same micro-batches
+    assert all(len(b) == mbs and all(0 <= i < n for i in b) for batches in ranks for b in batches)
+    for epoch in range(epochs):
+        stream = [i for k in range(steps) for r in range(dp) for i in ranks[r][epoch * steps + k]]
+        base = (torch.randperm(n, generator=torch.Generator().manual_seed(5 + epoch)).tolist() if shuffle
+                else list(range(n)))
+        assert stream == (base * (len(stream) // n + 1))[:len(stream)]  # the order, repeated; every sample seen
+    again = [list(Sampler(n, r, dp, mbs, shuffle=shuffle, seed=5, drop_last=False, num_epochs=epochs))
+             for r in range(dp)]
+    assert again == ranks  # deterministic
+
+
+def test_three_samples_at_dp_8():
+    assert [list(Sampler(3, r, 8, 1, drop_last=False, num_epochs=1)) for r in range(8)] == [
+        [[0]], [[1]], [[2]], [[0]], [[1]], [[2]], [[0]], [[1]]]
+
+
+def test_with_epoch_yields_index_epoch_pairs():
+    plain = take(Sampler(5, 1, 2, 2, shuffle=True, seed=1, drop_last=False), 4)
+    pairs = take(Sampler(5, 1, 2, 2, shuffle=True, seed=1, drop_last=False, with_epoch=True), 4)
+    assert [[i for i, _ in b] for b in pairs] == plain
+    assert [[e for _, e in b] for b in pairs] == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    resumed = take(Sampler(5, 1, 2, 2, shuffle=True, seed=1, drop_last=False, with_epoch=True, consumed_samples=8), 2)
+    assert resumed == pairs[2:]
+
+
 def test_consumed_samples_not_a_multiple_of_the_step():
     # e.g. the DP size changed on resume: iteration starts mid-stream, slices stay rank-consistent.
     r0 = take(Sampler(8, 0, 2, 1, consumed_samples=3), 3)
@@ -60,7 +95,7 @@ def test_consumed_samples_not_a_multiple_of_the_step():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="fewer than one step"):
+    with pytest.raises(ConfigError, match="fewer than one step.*set drop_last false"):
         Sampler(3, 0, 2, 2)
     with pytest.raises(ValueError, match="dp_rank 2 is not in"):
         Sampler(10, 2, 2, 1)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mindspeed_mm.dpo.loss import dpo_loss
@@ -58,13 +59,19 @@ def _env(**extra) -> dict:
     return env
 
 
-def test_dpo_on_feature_pairs_starts_at_log2_and_trains_the_actor(tmp_path):
+def _dpo_configs(tmp_path: Path, weight_alpha: float) -> dict:
+    """A tiny official DiT, 4 feature pairs (2 per step) and the DPO model JSON."""
     paths = write_training_configs(tmp_path / "w", samples=8)
     _dpo_features(tmp_path / "w" / "features_data")
     model = json.loads(paths["model"].read_text())
-    model["dpo"] = {"histogram_path": str(_histogram(tmp_path / "hist.json")), "weight_alpha": 1.0,
+    model["dpo"] = {"histogram_path": str(_histogram(tmp_path / "hist.json")), "weight_alpha": weight_alpha,
                     "weight_beta": None, "loss_beta": 1.0}
     paths["model"].write_text(json.dumps(model))
+    return paths
+
+
+def test_dpo_on_feature_pairs_starts_at_log2_and_trains_the_actor(tmp_path):
+    paths = _dpo_configs(tmp_path, weight_alpha=1.0)
     proc = subprocess.run([sys.executable, str(REPO / "posttrain_sora_dpo.py"),
                            *train_argv(paths, tmp_path / "save", iters=2, extra=["--dpo-beta", "0.1"])],
                           capture_output=True, text=True, env=_env(), timeout=600)
@@ -120,3 +127,112 @@ def test_dpo_launcher_on_raw_video_pairs(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "iteration        1/       1" in out and "loss: 6.93" in out  # log 2: actor == reference at step 1
     assert (tmp_path / "save" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+
+
+def _dpo_run(tmp_path: Path, iters: int = 2, save_interval: int = 1):
+    """A feature-pair DPO run of `iters` steps from the tiny official DiT; returns paths."""
+    paths = _dpo_configs(tmp_path, weight_alpha=0)
+    proc = _dpo(paths, tmp_path / "save", iters, ["--save-interval", str(save_interval)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return paths
+
+
+def _dpo(paths: dict, save: Path, iters: int, extra=()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "posttrain_sora_dpo.py"),
+                           *train_argv(paths, save, iters=iters, extra=["--dpo-beta", "0.1", *extra])],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    return root, _dpo_run(root)
+
+
+def test_a_dpo_step_raises_the_winners_margin(dpo_run, tmp_path):
+    """After one step, on the pairs, t and noise of that step, the actor prefers the winner more than the reference
+    does (margin > 0, loss < log 2). At --lr 0 the margin stays exactly 0, and weight decay alone moves the actor
+    without raising it (both checked by hand), so this test sees a step that does not learn the preference."""
+    import shutil
+
+    from tests.helpers.training_eval import dpo_metrics, feature_samples, load_dit
+
+    root, paths = dpo_run
+    step1 = tmp_path / "step1"
+    shutil.copytree(root / "save" / "iter_0000001", step1 / "iter_0000001")
+    (step1 / "latest_checkpointed_iteration.txt").write_text("1")
+    pairs = feature_samples(paths)[:2]  # the global batch of step 1 (micro-batch 1, 2 micro-batches)
+    before = dpo_metrics(load_dit(paths["dit"]), load_dit(paths["dit"]), pairs, seed=1234, iteration=0)
+    after = dpo_metrics(load_dit(step1), load_dit(paths["dit"]), pairs, seed=1234, iteration=0)
+    assert before["rewards/margins"] == [0.0, 0.0]
+    assert sum(after["rewards/margins"]) > 1e-3, after
+    assert sum(after["loss"]) < 2 * math.log(2) - 1e-4, after
+
+
+def test_resumed_dpo_keeps_the_reference_it_started_from(dpo_run, tmp_path):
+    """Resuming with --load <save dir> used to make the actor at step N its own reference (loss exactly log 2)."""
+    import shutil
+
+    root, paths = dpo_run
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    record = json.loads((save / "iter_0000002" / "dpo_reference.json").read_text())
+    assert record["path"] == os.path.abspath(paths["dit"]) and len(record["fingerprint"]) == 1
+    proc = _dpo(paths, save, 3, ["--load", str(save)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"DPO reference: {os.path.abspath(paths['dit'])}" in proc.stdout
+    assert "recorded in the checkpoint" in proc.stdout
+    metrics = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    step3 = [m for m in metrics if m["iteration"] == 3][-1]
+    assert abs(step3["loss"] - math.log(2)) > 1e-4 and step3["rewards/margins"] != 0.0, step3
+    assert json.loads((save / "iter_0000003" / "dpo_reference.json").read_text())["path"] == record["path"]
+
+
+def test_resuming_without_a_reference_record_or_with_other_weights_is_refused(dpo_run, tmp_path):
+    import shutil
+
+    root, paths = dpo_run
+    save = tmp_path / "save"
+    shutil.copytree(root / "save", save)
+    (save / "iter_0000002" / "dpo_reference.json").unlink()
+    proc = _dpo(paths, save, 3, ["--load", str(save)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "recorded no DPO reference" in proc.stderr and "--finetune" in proc.stderr
+    # A reference with other weights than the recorded one (here: the actor itself) is refused.
+    shutil.copytree(root / "save" / "iter_0000002", save / "iter_0000002", dirs_exist_ok=True)
+    model = json.loads(paths["model"].read_text())
+    model["dpo"]["reference_path"] = str(save)
+    other = dict(paths, model=tmp_path / "model_other_reference.json")
+    other["model"].write_text(json.dumps(model))
+    proc = _dpo(other, save, 3, ["--load", str(save)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "has other weights than the reference" in proc.stderr
+
+
+def test_frozen_modules_stay_out_of_the_module_tree(tmp_path):
+    """The reference DiT, the VAE and the text encoders are held, not registered: parameters(), state_dict(),
+    train() and requires_grad_() of the training module never reach them."""
+    from mindspeed_mm.models.ae import StepVideoVAE
+    from mindspeed_mm.models.diffusion import FlowMatchScheduler
+    from mindspeed_mm.models.sora_dpo_model import SoRADPOModel
+    from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
+    from mindspeed_mm.config.base import from_dict
+    from mindspeed_mm.config.model import MMModelConfig
+    from mindspeed_mm.tools.tiny_weights import write_tiny_download
+    from tests.helpers.training_eval import load_dit
+
+    sections = write_tiny_download(tmp_path / "weights", task="t2v")
+    cfg = from_dict(MMModelConfig, {"ae": sections["ae"], "text_encoder": sections["text_encoder"],
+                                    "tokenizer": sections["tokenizer"]})
+    vae = StepVideoVAE.from_config(cfg.ae)
+    encoder = StepVideoTextEncoder.from_configs(cfg.text_encoder, cfg.tokenizer)
+    dit = sections["predictor"]["from_pretrained"]
+    model = SoRADPOModel(load_dit(dit), FlowMatchScheduler(), load_dit(dit), vae=vae, text_encoder=encoder)
+    actor = list(model.predictor.parameters())
+    assert len(list(model.parameters())) == len(actor)
+    assert set(model.state_dict()) == {f"predictor.{k}" for k in model.predictor.state_dict()}
+    model.train().requires_grad_(True)
+    for frozen in (model.reference, vae, encoder):
+        assert not any(p.requires_grad for p in frozen.parameters())
+        assert not any(m.training for m in frozen.modules())
+    assert model.predictor.training

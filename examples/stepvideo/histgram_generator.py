@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mindspeed_mm.dpo.histogram import DEFAULT_BIN_WIDTH  # noqa: E402
 from mindspeed_mm.dpo.pairs import build_preference_data  # noqa: E402
-from mindspeed_mm.dpo.scorers import SCORER_CHOICES, build_scorer  # noqa: E402
+from mindspeed_mm.dpo.scorers import SCORER_CHOICES, ScoringError, build_scorer  # noqa: E402
 
 
 def parse_weights(items):
@@ -33,11 +33,11 @@ def parse_weights(items):
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ValueError(f"--weights takes NAME=VALUE items, got {item!r}.")
+            raise ScoringError(f"--weights takes NAME=VALUE items, got {item!r}.")
         try:
             weights[name] = float(value)
         except ValueError:
-            raise ValueError(f"--weights: {value!r} (for {name}) is not a number.") from None
+            raise ScoringError(f"--weights: {value!r} (for {name}) is not a number.") from None
     return weights
 
 

@@ -4,8 +4,11 @@ from .megatron_layout import (
     CHECKPOINT_FILENAME,
     RELEASE,
     TRACKER_FILENAME,
+    RELOAD_FIX,
     CheckpointError,
     checkpoint_file,
+    checkpoint_load_errors,
+    describe_torch_load_error,
     is_megatron_checkpoint,
     iteration_dir,
     iteration_dir_name,
@@ -15,6 +18,7 @@ from .megatron_layout import (
     read_tracker,
     save_model_state_dict,
     scan_rank_dirs,
+    torch_load,
     write_tracker,
 )
 
@@ -22,8 +26,11 @@ __all__ = [
     "CHECKPOINT_FILENAME",
     "RELEASE",
     "TRACKER_FILENAME",
+    "RELOAD_FIX",
     "CheckpointError",
     "checkpoint_file",
+    "checkpoint_load_errors",
+    "describe_torch_load_error",
     "is_megatron_checkpoint",
     "iteration_dir",
     "iteration_dir_name",
@@ -33,5 +40,6 @@ __all__ = [
     "read_tracker",
     "save_model_state_dict",
     "scan_rank_dirs",
+    "torch_load",
     "write_tracker",
 ]

@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models.common.safetensors_io import check_keys_and_shapes
+from ..models.common.safetensors_io import check_keys_and_shapes, open_safetensors, read_json_file
 from ..models.predictor.stepvideo import state_dict_adapter as adapter
 from .megatron_layout import (
     CHECKPOINT_FILENAME,
@@ -51,6 +51,9 @@ from ..errors import MindSpeedMMError
 OFFICIAL_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 OFFICIAL_CONFIG = "config.json"
+_WHAT = "--source_path"
+_RANK_FILE_FIX = ("Copy the checkpoint again from where it was saved, or point --source_path at another complete "
+                  "checkpoint (an earlier iter_XXXXXXX of the same run, or a fresh conversion).")
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 PRE_PROCESS = ("pos_embed.", "adaln_single.", "caption_projection.", "clip_projection.", "caption_norm.")
 POST_PROCESS = ("scale_shift_table", "norm_out.", "proj_out.")
@@ -229,7 +232,10 @@ def _official_files(source: Path) -> List[Path]:
                               f"official download.")
     index = source / OFFICIAL_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        raw = read_json_file(index, _WHAT)
+        weight_map = (raw.get("weight_map") if isinstance(raw, dict) else None) or {}
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index} has no 'weight_map'; it is not a safetensors index. Download it again.")
         files = sorted(set(weight_map.values()))
         absent = [f for f in files if not (source / f).is_file()]
         if absent:
@@ -246,11 +252,9 @@ def _official_files(source: Path) -> List[Path]:
 
 
 def _official_headers(files: Sequence[Path]) -> Dict[str, Tuple[Path, Tuple[int, ...]]]:
-    from safetensors import safe_open
-
     found: Dict[str, Tuple[Path, Tuple[int, ...]]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file, _WHAT) as handle:
             for key in handle.keys():
                 if key in found:
                     raise ConversionError(f"{key} is stored twice: in {found[key][0].name} and {file.name}.")
@@ -261,7 +265,12 @@ def _official_headers(files: Sequence[Path]) -> Dict[str, Tuple[Path, Tuple[int,
 def _official_config(source: Path, headers: Dict[str, Tuple[Path, Tuple[int, ...]]]) -> dict:
     path = source / OFFICIAL_CONFIG
     if path.is_file():
-        return json.loads(path.read_text())
+        config = read_json_file(path, _WHAT)
+        if not isinstance(config, dict):
+            raise ConversionError(f"{path}: expected a JSON object (the official DiT config), got "
+                                  f"{type(config).__name__}.")
+        adapter.predictor_kwargs_from_official_config(config, str(path))  # required keys, known keys
+        return config
     # No config.json: read the architecture off the tensor shapes.
     shapes = {adapter.official_key_to_ours(k): s for k, (_, s) in headers.items()}
     return _official_config_from_shapes(shapes, str(source))
@@ -302,11 +311,9 @@ def split(source_path, target_path, tp_size: int, pp_layers: Sequence[int], num_
     log(f"split {source} -> {target}: TP {layout.tp}, PP {layout.pp} ({' '.join(map(str, layout.pp_layers))} "
         f"layers), {len(headers)} tensors in {len(files)} file(s)")
     ranks: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
-    from safetensors import safe_open
-
     with AtomicDir(target, overwrite, source) as out:
         for file in files:  # one source shard in memory at a time
-            with safe_open(str(file), framework="pt") as handle:
+            with open_safetensors(file, _WHAT) as handle:
                 for official_key in handle.keys():
                     key, tensor = adapter.official_tensor_to_ours(official_key, handle.get_tensor(official_key),
                                                                   head_dim)
@@ -323,7 +330,7 @@ def split(source_path, target_path, tp_size: int, pp_layers: Sequence[int], num_
 def _load_rank(path: Path, log) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; the checkpoint is incomplete.")
-    payload = torch_load(path)
+    payload = torch_load(path, fix=_RANK_FILE_FIX)
     if not isinstance(payload, dict) or "model" not in payload:
         found = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} has no 'model' entry (found {found}); expected torch.save({{'model': ...}}).")

@@ -13,10 +13,12 @@ when the tracker is missing; we never do that silently.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from ..errors import MindSpeedMMError
@@ -172,19 +174,76 @@ def _basic_safe_globals() -> list:
     return names
 
 
-def torch_load(path) -> dict:
-    """torch.load with weights_only=True, allowing the plain types that Megatron-style checkpoints carry
-    (numpy RNG states, argparse.Namespace args) and, when needed, Megatron-core's own safe classes."""
+# What to do about a model_optim_rng.pt that cannot be read, when the caller does not say.
+RELOAD_FIX = ("Copy the checkpoint again from where it was saved, re-run examples/stepvideo/convert_ckpt_to_mm.py "
+              "if it came from the converter, or point --load at another complete iteration.")
+_FILE_ERROR_SIGNS = ("PytorchStreamReader", "unexpected EOF", "corrupted", "zip archive", "invalid load key")
+
+
+def describe_torch_load_error(exc: BaseException) -> Optional[str]:
+    """Why `torch.load` failed, in words, when the cause is the file (refused pickle, truncated or corrupt file);
+    None for any other exception, which is then not a user error."""
+    import pickle
+
+    message = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in message:
+        found = re.search(r"GLOBAL ([\w.]+)", message)
+        what = f"an object of type {found.group(1)}" if found else "a non-tensor object"
+        return (f"its pickle holds {what}, which torch.load(weights_only=True) refuses because unpickling it could "
+                f"run arbitrary code. Only load checkpoints you trust: neither this project's tools nor the official "
+                f"release write such objects, so another tool wrote this file or it was altered. If you trust its "
+                f"source, load it once with torch.load(path, weights_only=False) in your own script and torch.save "
+                f"only its tensors; otherwise replace it")
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated (an interrupted save or copy)"
+    if isinstance(exc, pickle.UnpicklingError):
+        first = message.splitlines()[0] if message else "unpickling failed"
+        return f"it is not a torch.save file, or it is damaged ({first})"
+    if isinstance(exc, RuntimeError) and any(sign in message for sign in _FILE_ERROR_SIGNS):
+        first = message.split(". ")[0]
+        return f"the file is truncated or damaged ({first}), e.g. by an interrupted save or copy"
+    if isinstance(exc, OSError) and exc.errno == errno.EINVAL:  # torch's zip reader on a cut-off file
+        return f"the file is truncated or damaged (reading it as a zip archive failed: {exc}), e.g. by an " \
+               f"interrupted save or copy"
+    if isinstance(exc, OSError):
+        return f"the file cannot be read ({exc})"
+    return None
+
+
+@contextmanager
+def checkpoint_load_errors(path, fix: str = RELOAD_FIX) -> Iterator[None]:
+    """Turn a `torch.load` failure caused by the file at `path` (a pickle that weights_only refuses, a truncated
+    or corrupt file) into a CheckpointError naming `path`, its cause and `fix`; any other exception passes.
+
+        with checkpoint_load_errors(dist_path, fix="Resume with --no-load-optim ..."):
+            optimizer.load_parameter_state(str(dist_path))   # Megatron's own torch.load
+    """
     import pickle
 
     try:
-        with torch.serialization.safe_globals(_basic_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        from megatron.core.safe_globals import SAFE_GLOBALS  # enums and configs saved by Megatron-LM
+        yield
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
+        problem = describe_torch_load_error(exc)
+        if problem is None:
+            raise
+        raise CheckpointError(f"cannot load {path}: {problem}. {fix}") from exc
 
-        with torch.serialization.safe_globals(_basic_safe_globals() + list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+
+def torch_load(path, fix: str = RELOAD_FIX) -> dict:
+    """torch.load with weights_only=True, allowing the plain types that Megatron-style checkpoints carry
+    (numpy RNG states, argparse.Namespace args) and, when needed, Megatron-core's own safe classes.
+    A file that cannot be read raises CheckpointError naming it, the cause and `fix`."""
+    import pickle
+
+    with checkpoint_load_errors(path, fix):
+        try:
+            with torch.serialization.safe_globals(_basic_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            from megatron.core.safe_globals import SAFE_GLOBALS  # enums and configs saved by Megatron-LM
+
+            with torch.serialization.safe_globals(_basic_safe_globals() + list(SAFE_GLOBALS)):
+                return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_model_state_dict(directory, tp_rank: int = 0, tp_size: int = 1,

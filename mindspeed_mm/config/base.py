@@ -166,8 +166,12 @@ def load_json(path: str, what: str) -> Any:
         raise ConfigError(f"{what}: no path given.")
     if not os.path.isfile(path):
         raise ConfigError(f"{what}: file '{path}' does not exist (working directory: {os.getcwd()}).")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what}: '{path}' is not a UTF-8 text file ({exc.reason} at byte {exc.start}); pass the "
+                          f"JSON config file.") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -13,6 +13,8 @@ class BasicParameters:
     data_path: str
     data_folder: str = ""
     data_storage_mode: Literal["standard", "combine"] = "standard"
+    # Extension: rows whose `file`/`file_rejected` lie outside data_folder (absolute, or `..`) are skipped unless true.
+    allow_paths_outside_data_folder: bool = False
 
 
 @dataclass
@@ -28,6 +30,7 @@ class PreprocessParameters:
     train_pipeline: Dict[str, Any] = field(default_factory=lambda: {"video": [], "image": []})
 
     def validate(self) -> None:
+        # Plain ValueError on purpose: from_dict turns it into a ConfigError that names the file and key.
         for name in ("train_fps", "num_frames", "max_height", "max_width"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")

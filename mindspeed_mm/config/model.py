@@ -6,6 +6,7 @@ marked "extension"; nothing of the seed's is renamed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -129,6 +130,11 @@ class TokenizerConfig:
     hub_backend: Literal["hf"] = "hf"
     model_max_length: int = 320
 
+    def validate(self) -> None:
+        if self.model_max_length < 2:
+            raise ValueError(f"model_max_length {self.model_max_length} must leave room for the begin and end "
+                             f"tokens (>= 2; 320 for stepchat, 77 for BertTokenizer).")
+
 
 @dataclass
 class DiffusionConfig:
@@ -142,6 +148,19 @@ class DiffusionConfig:
     solver: Literal["euler"] = "euler"
     # extension: shift the training timestep distribution like the sampling schedule (off by default).
     train_shift: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.reverse:
+            raise ValueError("reverse = true runs the schedule from data to noise, which is not the convention of "
+                             "the released StepVideo weights (t = 0 is noise); set \"reverse\": false.")
+        if self.shift <= 0:
+            raise ValueError(f"shift {self.shift} must be positive (13.0 in the released pipeline).")
+        if self.train_shift is not None and self.train_shift <= 0:
+            raise ValueError(f"train_shift {self.train_shift} must be positive, or null for no shift.")
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps {self.num_train_timesteps} must be at least 1.")
+        if self.num_inference_timesteps is not None and self.num_inference_timesteps < 1:
+            raise ValueError(f"num_inference_timesteps {self.num_inference_timesteps} must be at least 1.")
 
 
 @dataclass
@@ -169,10 +188,23 @@ class DPOConfig:
     weight_alpha: float = 0.0
     weight_beta: Optional[float] = None
     loss_beta: float = 2000.0
+    # extension: the frozen reference DiT. null: the weights the run starts from (--load, else
+    # predictor.from_pretrained); a resumed run takes the one recorded in its checkpoint.
+    reference_path: Optional[str] = None
+
+    def validate(self) -> None:
+        if not math.isfinite(self.weight_alpha):
+            raise ValueError(f"weight_alpha {self.weight_alpha} must be a finite number (0 weighs every pair 1).")
+        if self.weight_beta is not None and not (math.isfinite(self.weight_beta) and self.weight_beta > 0):
+            raise ValueError(f"weight_beta {self.weight_beta} must be a positive number, or null for the "
+                             f"histogram's max_num / total_num.")
+        if not (math.isfinite(self.loss_beta) and self.loss_beta > 0):
+            raise ValueError(f"loss_beta {self.loss_beta} must be a positive number (2000 in the recipe).")
 
 
 @dataclass
 class PatchConfig:
+    # Run the VAE in float32 whatever `ae.dtype` says (MindSpeed-MM's patch): applied when the model JSON loads.
     ae_float32: bool = False
 
 
@@ -203,3 +235,7 @@ class MMModelConfig:
     pipeline_class: Literal["StepVideoPipeline"] = "StepVideoPipeline"
     device: Literal["npu", "cuda", "cpu", "auto"] = "auto"
     dtype: DtypeName = "bf16"
+
+    def validate(self) -> None:
+        if self.patch is not None and self.patch.ae_float32 and self.ae is not None:
+            self.ae.dtype = "fp32"

@@ -3,8 +3,8 @@
 See docs/data.md.
 """
 
-from .datasets import (BadSampleError, FeatureDataset, VideoTextDataset, build_dataset, build_tokenizers,
-                       collate)
+from .datasets import (BadSampleError, BatchError, FeatureDataset, VideoTextDataset, build_dataset, build_tokenizers,
+                       collate, summarize_skipped)
 from .frame_sampling import (clip_indices, nearest_smaller_4k_plus_1, pad_last_frame, pad_or_truncate,
                              select_frame_indices)
 from .manifest import Manifest, ManifestError, ManifestRow, choose_caption, read_manifest
@@ -14,7 +14,8 @@ from .video_io import (READER_TYPES, DecordVideo, PyAVVideo, VideoReadError, dec
                        write_video)
 
 __all__ = [
-    "BadSampleError", "FeatureDataset", "VideoTextDataset", "build_dataset", "build_tokenizers", "collate",
+    "BadSampleError", "BatchError", "FeatureDataset", "VideoTextDataset", "build_dataset", "build_tokenizers",
+    "collate", "summarize_skipped",
     "clip_indices", "nearest_smaller_4k_plus_1", "pad_last_frame", "pad_or_truncate", "select_frame_indices",
     "Manifest", "ManifestError", "ManifestRow", "choose_caption", "read_manifest",
     "ResumableDistributedSampler", "build_dataloader",

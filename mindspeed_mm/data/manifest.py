@@ -4,10 +4,15 @@ Accepted files: JSON Lines (one object per line; blank lines ignored), or a `.js
 Each row needs `file` (relative to `data_folder`, or absolute) and, for raw-video datasets, `captions` (a string, or a
 list of strings of which one is chosen per sample). A DPO row also has `file_rejected`, `score` and `score_rejected`.
 
-A row with bad JSON, a missing or mistyped key, empty captions or a missing file is skipped and counted by reason with
-its line number, and one summary line is logged, e.g.
-`kept 98 of 100 rows in data.jsonl: 1 bad JSON (line 7), 1 missing file (line 12)`. No usable row at all is an error
-naming the file.
+A row with bad JSON, a missing or mistyped key, empty captions, a path outside `data_folder` or a missing file is
+skipped and counted by reason with its line number, and one summary line is logged (on rank 0 only in a distributed
+job), e.g. `kept 98 of 100 rows in data.jsonl: 1 bad JSON (line 7), 1 missing file (line 12)`. No usable row at all
+is an error naming the file.
+
+Paths stay inside `data_folder` (or the working directory when `data_folder` is empty): a `file` or `file_rejected`
+that is absolute outside it or climbs out of it with `..` is skipped as "outside data_folder", unless the caller
+allows it (`basic_parameters.allow_paths_outside_data_folder`). The check is on the path as written, after `..` is
+resolved; symbolic links inside the folder are followed, so a dataset may link to videos stored elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ DPO_KEYS = ("file_rejected", "score", "score_rejected")
 
 class ManifestError(MindSpeedMMError, ValueError):
     """A manifest that cannot be used at all; the message names the file."""
+
+
+OUTSIDE = "outside data_folder"
 
 
 class _Skip(Exception):
@@ -70,12 +78,13 @@ class Manifest:
         name = os.path.basename(self.source)
         text = f"kept {len(self.rows)} of {self.total} rows in {name}"
         if self.skipped:
-            parts = [f"{len(lines)} {reason} ({_lines(lines)})" for reason, lines in self.skipped.items()]
+            parts = [f"{len(lines)} {reason} ({format_lines(lines)})" for reason, lines in self.skipped.items()]
             text += ": " + ", ".join(parts)
         return text
 
 
-def _lines(lines: Sequence[int], limit: int = 5) -> str:
+def format_lines(lines: Sequence[int], limit: int = 5) -> str:
+    """'line 7', 'lines 2, 3', or 'lines 2, 3, 4, 5, 6, ... 3 more'."""
     shown = ", ".join(str(n) for n in lines[:limit])
     more = f", ... {len(lines) - limit} more" if len(lines) > limit else ""
     return f"line{'s' if len(lines) > 1 else ''} {shown}{more}"
@@ -83,6 +92,16 @@ def _lines(lines: Sequence[int], limit: int = 5) -> str:
 
 def _join(folder: str, name: str) -> str:
     return os.path.normpath(os.path.join(folder, name)) if folder else os.path.normpath(name)
+
+
+def data_root(data_folder: str) -> str:
+    """The absolute folder that rows must stay inside: `data_folder`, or the working directory when it is empty."""
+    return os.path.abspath(data_folder or os.curdir)
+
+
+def is_inside(path: str, root: str) -> bool:
+    """True when `path` (absolute, or relative to the working directory) lies in `root` (absolute), by its text."""
+    return os.path.commonpath([root, os.path.abspath(path)]) == root
 
 
 def _file_key(obj: dict, key: str) -> str:
@@ -118,7 +137,7 @@ def _score(obj: dict, key: str) -> float:
 
 
 def _parse_row(obj: Any, line: int, data_folder: str, require_captions: bool, check_files: bool,
-               suffixes: Optional[Sequence[str]]) -> ManifestRow:
+               suffixes: Optional[Sequence[str]], root: Optional[str]) -> ManifestRow:
     if not isinstance(obj, dict):
         raise _Skip("not a JSON object")
     file = _file_key(obj, "file")
@@ -129,6 +148,8 @@ def _parse_row(obj: Any, line: int, data_folder: str, require_captions: bool, ch
         row.path_rejected = _join(data_folder, row.file_rejected)
         row.score = _score(obj, "score")
         row.score_rejected = _score(obj, "score_rejected")
+    if root is not None and not all(is_inside(p, root) for p in (row.path, row.path_rejected) if p is not None):
+        raise _Skip(OUTSIDE)
     if suffixes is not None:
         for name in (row.file, row.file_rejected):
             if name is not None and not name.lower().endswith(tuple(suffixes)):
@@ -165,11 +186,28 @@ def _iter_objects(path: str):
                 yield i, _Skip("bad JSON")
 
 
+def _is_rank0() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return True
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _outside_hint(data_folder: str) -> str:
+    where = f"data_folder {data_folder}" if data_folder else "the working directory (data_folder is empty)"
+    return (f" Rows outside {where} are refused: set basic_parameters.data_folder to the folder that holds the "
+            f"files, or set basic_parameters.allow_paths_outside_data_folder true to read them where they are.")
+
+
 def read_manifest(path: str, data_folder: str = "", require_captions: bool = True, check_files: bool = True,
-                  suffixes: Optional[Sequence[str]] = None, log: bool = True) -> Manifest:
+                  suffixes: Optional[Sequence[str]] = None, log: Optional[bool] = None,
+                  allow_outside: bool = False) -> Manifest:
     """Read the usable rows of `path` (see the module docstring); `suffixes` restricts the file types (e.g. (".pt",)).
 
-    Row numbers are 1-based line numbers for JSON Lines and 1-based list positions for a .json list.
+    Row numbers are 1-based line numbers for JSON Lines and 1-based list positions for a .json list. `log`: log the
+    summary line; None (the default) logs it on global rank 0 only, so a job of many ranks prints it once.
+    `allow_outside`: accept paths outside `data_folder` (otherwise skipped as "outside data_folder").
     """
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: the dataset manifest (basic_parameters.data_path) does not exist.")
@@ -178,19 +216,21 @@ def read_manifest(path: str, data_folder: str = "", require_captions: bool = Tru
     rows: List[ManifestRow] = []
     skipped: "OrderedDict[str, List[int]]" = OrderedDict()
     total = 0
+    root = None if allow_outside else data_root(data_folder)
     for line, obj in _iter_objects(path):
         total += 1
         try:
             if isinstance(obj, _Skip):
                 raise obj
-            rows.append(_parse_row(obj, line, data_folder, require_captions, check_files, suffixes))
+            rows.append(_parse_row(obj, line, data_folder, require_captions, check_files, suffixes, root))
         except _Skip as skip:
             skipped.setdefault(skip.reason, []).append(line)
     manifest = Manifest(source=path, rows=rows, total=total, skipped=skipped)
-    if log:
-        (logger.warning if skipped else logger.info)("%s", manifest.summary())
+    hint = _outside_hint(data_folder) if OUTSIDE in skipped else ""
+    if log or (log is None and _is_rank0()):
+        (logger.warning if skipped else logger.info)("%s", manifest.summary() + hint)
     if not rows:
-        raise ManifestError(f"{path}: no usable rows ({manifest.summary()}).")
+        raise ManifestError(f"{path}: no usable rows ({manifest.summary()}).{hint}")
     return manifest
 
 

@@ -36,6 +36,10 @@ DEFAULT_BIN_WIDTH = 0.1
 MIN_PAIR_PROBABILITY = 1e-3  # the floor of sqrt(P(s_w)·P(s_l)) in the pair weight, as in MindSpeed-MM
 
 
+class HistogramNotFoundError(MindSpeedMMError, FileNotFoundError):
+    """The score histogram file is not where the config says."""
+
+
 class HistogramError(MindSpeedMMError, ValueError):
     """A histogram that cannot be built or a histogram file that is not valid; the message says why."""
 
@@ -151,7 +155,7 @@ def load_histogram(path) -> Dict[str, object]:
     """Read and validate a `video_score_histogram.json`; every error names the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"score histogram '{path}' does not exist; write it with "
+        raise HistogramNotFoundError(f"score histogram '{path}' does not exist; write it with "
                                 f"examples/stepvideo/histgram_generator.py (see docs/dpo.md).")
     try:
         with open(path, encoding="utf-8") as handle:
@@ -183,12 +187,12 @@ def pair_weight(histogram: Dict[str, object], score_w: float, score_l: float, al
     """
     alpha = float(alpha)
     if not math.isfinite(alpha):
-        raise ValueError(f"weight alpha must be finite, got {alpha!r}.")
+        raise HistogramError(f"weight alpha (dpo.weight_alpha) must be finite, got {alpha!r}.")
     if beta is None:
         beta_w = histogram["max_num"] / histogram["total_num"]
     else:
         beta_w = float(beta)
         if not math.isfinite(beta_w) or beta_w <= 0:
-            raise ValueError(f"weight beta must be a positive number or null, got {beta!r}.")
+            raise HistogramError(f"weight beta (dpo.weight_beta) must be a positive number or null, got {beta!r}.")
     p = math.sqrt(score_probability(histogram, score_w) * score_probability(histogram, score_l))
     return (beta_w / max(p, MIN_PAIR_PROBABILITY)) ** alpha

@@ -46,6 +46,10 @@ class PreferenceDataError(MindSpeedMMError, ValueError):
     """Inputs that cannot give preference data; the message says which and why."""
 
 
+class PreferenceInputNotFoundError(MindSpeedMMError, FileNotFoundError):
+    """The prompt file or the videos named on the command line are not there."""
+
+
 def video_name(index: int) -> str:
     return f"video_{index}.mp4"
 
@@ -54,8 +58,8 @@ def read_prompt_file(path) -> List[str]:
     """The prompts, one per line, stripped, blank lines dropped: the rule the inference runner reads them by."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file '{path}' does not exist; pass the prompt file used for inference "
-                                f"(--prompt_file).")
+        raise PreferenceInputNotFoundError(f"prompt file '{path}' does not exist; pass the prompt file used for "
+                                           f"inference (--prompt_file).")
     with open(path, encoding="utf-8") as handle:
         prompts = [line.strip() for line in handle.read().splitlines()]
     prompts = [p for p in prompts if p]
@@ -81,8 +85,8 @@ def find_videos(videos_path, num_prompts: int, per_prompt: int) -> Tuple[Dict[in
     """(index -> path of the expected videos present, missing indices, ignored video_{k}.mp4 names beyond the range)."""
     videos_path = os.fspath(videos_path)
     if not os.path.isdir(videos_path):
-        raise FileNotFoundError(f"videos folder '{videos_path}' does not exist (--videos_path: the inference "
-                                f"save_path).")
+        raise PreferenceInputNotFoundError(f"videos folder '{videos_path}' does not exist (--videos_path: the "
+                                           f"inference save_path).")
     expected = num_prompts * per_prompt
     present, extra = {}, []
     for name in os.listdir(videos_path):
@@ -212,8 +216,9 @@ def build_preference_data(prompt_file, videos_path, num_videos_per_prompt: int, 
     present, missing, ignored = find_videos(videos_path, len(prompts), n)
     out_dir = Path(output_dir) if output_dir is not None else Path(videos_path).resolve().parent
     if not present:
-        raise FileNotFoundError(f"videos folder '{videos_path}' holds none of the expected video_0.mp4 .. "
-                                f"{video_name(len(prompts) * n - 1)} ({len(prompts)} prompts x {n} videos).")
+        raise PreferenceInputNotFoundError(
+            f"videos folder '{videos_path}' holds none of the expected video_0.mp4 .. "
+            f"{video_name(len(prompts) * n - 1)} ({len(prompts)} prompts x {n} videos).")
     if missing:
         log(f"warning: {len(missing)} of {len(prompts) * n} expected videos are missing from '{videos_path}': "
             f"{_ranges(missing)}")

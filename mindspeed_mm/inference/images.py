@@ -31,13 +31,17 @@ class ImageReadError(MindSpeedMMError, ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+class ImageNotFoundError(MindSpeedMMError, FileNotFoundError):
+    """An image path that does not exist."""
+
+
 def load_image(path) -> torch.Tensor:
     """Decode the image at `path` to uint8 RGB (H, W, 3)."""
     import av
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such image file.")
+        raise ImageNotFoundError(f"{path}: no such image file; check the image list (the model JSON's 'image').")
     try:
         with av.open(path) as container:
             if not container.streams.video:

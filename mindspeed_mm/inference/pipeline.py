@@ -289,7 +289,11 @@ class StepVideoPipeline:
         broadcast_from_first([latents, *prompt, *mask], self.group)
         timesteps = self.timesteps()
         start = time.time()
-        for i, t in enumerate(timesteps):
+        from tqdm import tqdm
+
+        steps = tqdm(timesteps, desc="sampling", unit="step", leave=False,
+                     disable=dist.is_initialized() and dist.get_rank() != 0)
+        for i, t in enumerate(steps):
             model_input = torch.cat([latents] * copies).to(self.dit.dtype)
             timestep = t.expand(model_input.shape[0]).to(model_input.dtype)  # rounded to the DiT dtype, as official
             velocity = self.dit(model_input, timestep, prompt, mask, **extra)

@@ -158,6 +158,7 @@ class InferenceResult:
     saved: List[str] = field(default_factory=list)            # files this rank wrote
     grid: Optional[str] = None                                # video_grid.mp4, on global rank 0
     videos: Dict[int, torch.Tensor] = field(default_factory=dict)   # uint8 (T, H, W, 3), with keep_videos
+    latents: Dict[int, torch.Tensor] = field(default_factory=dict)  # float32 (f, c, h, w), with keep_videos
 
 
 def build_pipeline(args, device, group, text_encoder=None):
@@ -203,7 +204,7 @@ def _batches(items: Sequence[int], size: int):
 
 def run_inference(args, keep_videos: bool = False) -> InferenceResult:
     """Run the job on this rank (see the module docstring). Call it on every rank of the job, after
-    `initialize_runtime`."""
+    `initialize_runtime`. `keep_videos` also returns this rank's videos and their final latents."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -230,12 +231,15 @@ def run_inference(args, keep_videos: bool = False) -> InferenceResult:
         os.makedirs(plan.save_path, exist_ok=True)
     for batch in _batches(mine, args.micro_batch_size):
         start = time.time()
-        videos = pipe.generate(text=text.select([row_of[i] for i in batch]), seeds=[args.seed + i for i in batch],
-                               images=None if plan.images is None else [plan.images[i] for i in batch])
+        latents = pipe.generate(text=text.select([row_of[i] for i in batch]), seeds=[args.seed + i for i in batch],
+                                images=None if plan.images is None else [plan.images[i] for i in batch],
+                                output="latent")
+        videos = pipe.decode(latents)
         if saver:
             result.saved += save_videos(videos, batch, plan.save_path, plan.fps)
         if keep_videos:
             result.videos.update({i: v for i, v in zip(batch, videos)})
+            result.latents.update({i: z.cpu() for i, z in zip(batch, latents)})
         logger.info("videos %s done in %.1f s", batch, time.time() - start)
     dist.barrier()
     if dist.get_rank() == 0:

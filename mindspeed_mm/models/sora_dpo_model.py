@@ -16,38 +16,28 @@ from typing import Dict, Optional
 import torch
 
 from ..dpo.loss import dpo_loss
-from .sora_model import SoRAModel
+from .sora_model import Frozen, SoRAModel
 
 
 class SoRADPOModel(SoRAModel):
+    """The actor DiT (trained) against `reference`, a frozen DiT of the same config.
+
+    The trainer decides where the reference comes from (`mindspeed_mm/training/dpo.py`); this module only runs it.
+    """
+
     def __init__(self, predictor, scheduler, reference, vae=None, text_encoder=None, i2v: bool = False,
                  loss_beta: float = 2000.0, beta: float = 0.1, label_smoothing: float = 0.0, pref_ftx: float = 0.0,
                  histogram: Optional[dict] = None, weight_alpha: float = 0.0, weight_beta: Optional[float] = None):
         super().__init__(predictor, scheduler, vae=vae, text_encoder=text_encoder, i2v=i2v)
-        # Kept out of the module tree: DDP, the optimizer and checkpoints see the actor only.
-        self._reference = reference.eval().requires_grad_(False)
+        # Out of the module tree: DDP, the optimizer, `.train()` and checkpoints see the actor only.
+        self._reference = Frozen(reference)
         self.loss_beta, self.beta = loss_beta, beta
         self.label_smoothing, self.pref_ftx = label_smoothing, pref_ftx
         self.histogram, self.weight_alpha, self.weight_beta = histogram, weight_alpha, weight_beta
 
-    @classmethod
-    def from_training_args(cls, args, predictor, scheduler, vae, text_encoder, i2v: bool):
-        from ..arguments import ArgumentError
-        from ..training.train import build_predictor
-
-        dpo = args.mm.model.dpo
-        if dpo is None:
-            raise ArgumentError(f"{args.mm_model} has no 'dpo' section (histogram_path, weight_alpha, weight_beta, "
-                                f"loss_beta); DPO training needs it.")
-        histogram = None
-        if dpo.weight_alpha:
-            from ..dpo.histogram import load_histogram
-
-            histogram = load_histogram(dpo.histogram_path)
-        return cls(predictor, scheduler, build_predictor(args), vae=vae, text_encoder=text_encoder, i2v=i2v,
-                   loss_beta=dpo.loss_beta, beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
-                   pref_ftx=args.pref_ftx, histogram=histogram, weight_alpha=dpo.weight_alpha,
-                   weight_beta=dpo.weight_beta)
+    @property
+    def reference(self):
+        return self._reference.module
 
     def _pair_weights(self, batch: Dict, b: int) -> Optional[torch.Tensor]:
         if not self.weight_alpha:
@@ -62,10 +52,13 @@ class SoRADPOModel(SoRAModel):
         if "video_rejected" not in batch:
             raise ValueError("a DPO batch needs 'video_rejected': point data_path at the data.jsonl written by "
                              "examples/stepvideo/histgram_generator.py (rows with file and file_rejected).")
+        if self.i2v and not self.encodes_videos and "image_latents_rejected" not in batch:
+            # Features: each member of a pair has its own image condition, never the winner's for both.
+            raise ValueError("an i2v DPO batch of features needs 'image_latents_rejected' (the loser's condition); "
+                             "extract the pairs' features with the i2v launcher (feature_extraction_i2v.sh).")
         x0_w, cond_w = self._latents(batch, generator)
         x0_l, cond_l = self._latents({**batch, "video": batch["video_rejected"],
-                                      "image_latents": batch.get("image_latents_rejected", batch.get("image_latents"))},
-                                     generator)
+                                      "image_latents": batch.get("image_latents_rejected")}, generator)
         prompt, prompt_mask = self._prompt(batch)
         b = x0_w.shape[0]
         t = self.scheduler.sample_timesteps(b, generator=generator)

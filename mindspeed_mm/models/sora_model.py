@@ -26,6 +26,24 @@ from .predictor import StepVideoDiT
 from .text_encoder import StepVideoTextEncoder
 
 
+class Frozen:
+    """A frozen module held outside `nn.Module`'s registry.
+
+    Assigning a module to an attribute of a module registers it (a leading underscore does not prevent that), and
+    then `parameters()`, `state_dict()`, `.train()`, `requires_grad_()`, DDP and the optimizer all see it. Held in
+    this box it stays out of all of them: it is put in eval mode with gradients off once, here, and nothing done to
+    the training module reaches it.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: Optional[torch.nn.Module]):
+        self.module = None if module is None else module.eval().requires_grad_(False)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
 class SoRAModel(MegatronModule):
     """The trainable DiT plus, when the data are raw videos, the frozen VAE and text encoders."""
 
@@ -35,11 +53,13 @@ class SoRAModel(MegatronModule):
         super().__init__(predictor.config)
         self.predictor = predictor
         self.scheduler = scheduler
-        # Frozen helpers are kept out of the module tree: DDP and checkpoints see the DiT only.
-        self._vae = vae
-        self._text_encoder = text_encoder
+        # The frozen encoders stay out of the module tree: DDP, the optimizer and checkpoints see the DiT only.
+        self._vae = Frozen(vae)
+        self._text_encoder = Frozen(text_encoder)
         self.i2v = i2v
         self.motion_score = motion_score
+        # {name: JSON-able dict} saved beside every checkpoint (e.g. the DPO reference); see training/checkpointing.py
+        self.checkpoint_records: Dict[str, dict] = {}
         self.i2v_processor = StepVideoI2VProcessor() if i2v else None
 
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
@@ -48,21 +68,30 @@ class SoRAModel(MegatronModule):
 
     # ---- inputs -----------------------------------------------------------------------------
 
+    @property
+    def encodes_videos(self) -> bool:
+        """True when batches hold pixels that the frozen VAE encodes here (load_video_features false)."""
+        return self._vae.module is not None
+
     def _latents(self, batch: Dict, generator: Optional[torch.Generator]
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         video = batch["video"]
         device = self.predictor.device
-        if video.dim() == 5 and video.shape[2] == 3 and self._vae is not None:  # raw pixels (b, T, 3, H, W)
+        vae = self._vae.module
+        if vae is not None:  # raw videos: pixels (b, T, 3, H, W) in [-1, 1]
+            if video.dim() != 5 or video.shape[2] != 3:
+                raise ValueError(f"batch['video'] must be pixels (b, T, 3, H, W) when the model encodes videos "
+                                 f"(load_video_features false); got shape {tuple(video.shape)}.")
             with torch.no_grad():
                 pixels = video.to(device)
-                latents = self._vae.encode(pixels, generator=generator)
+                latents = vae.encode(pixels, generator=generator)
                 cond = None
                 if self.i2v:
-                    cond = self.i2v_processor(self._vae, pixels, latents.shape[1], generator=generator)
+                    cond = self.i2v_processor(vae, pixels, latents.shape[1], generator=generator)
             return latents, cond
         if video.dim() != 5:
-            raise ValueError(f"batch['video'] must be latents (b, t, z, h, w) or pixels (b, T, 3, H, W); got shape "
-                             f"{tuple(video.shape)}.")
+            raise ValueError(f"batch['video'] must be latents (b, t, z, h, w) with load_video_features true; got "
+                             f"shape {tuple(video.shape)}.")
         cond = batch.get("image_latents")
         if self.i2v and cond is None:
             raise ValueError("this is an i2v model but the batch has no 'image_latents'; extract features with the i2v "
@@ -73,11 +102,11 @@ class SoRAModel(MegatronModule):
         ids, masks = list(batch["prompt_ids"]), list(batch["prompt_mask"])
         device = self.predictor.device
         if ids[0].dim() == 2 and not ids[0].is_floating_point():  # token ids: encode them here
-            if self._text_encoder is None:
+            if self._text_encoder.module is None:
                 raise ValueError("the batch holds token ids but the model has no text encoder; set "
                                  "load_text_features false in the model JSON (with a text_encoder section), or train "
                                  "on extracted features.")
-            return self._text_encoder.encode_tokens(ids, masks)
+            return self._text_encoder.module.encode_tokens(ids, masks)
         return [t.to(device) for t in ids], [m.to(device) for m in masks]
 
     # ---- loss -------------------------------------------------------------------------------

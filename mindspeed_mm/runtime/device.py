@@ -14,7 +14,19 @@ from typing import Optional
 
 import torch
 
+from ..errors import MindSpeedMMError
+
 logger = logging.getLogger(__name__)
+
+
+class DeviceConfigError(MindSpeedMMError, ValueError):
+    """A device or backend setting (MINDSPEED_MM_DEVICE, --distributed-backend) that names no usable choice."""
+
+    same_on_all_ranks = True  # the launcher gives every rank the same environment and flags
+
+
+class DeviceUnavailableError(MindSpeedMMError, RuntimeError):
+    """The requested accelerator is not there (not installed, not visible to this rank)."""
 
 DEVICE_TYPES = ("npu", "cuda", "cpu")
 BACKEND_FOR_DEVICE = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
@@ -40,14 +52,16 @@ def detect_device_type() -> str:
     forced = os.environ.get(DEVICE_ENV, "").strip().lower()
     if forced:
         if forced not in DEVICE_TYPES:
-            raise ValueError(
+            raise DeviceConfigError(
                 f"{DEVICE_ENV}={forced!r} is not a device type; use one of {', '.join(DEVICE_TYPES)} "
                 f"or unset it to auto-detect."
             )
         if forced == "npu" and not _npu_available():
-            raise RuntimeError(f"{DEVICE_ENV}=npu but torch_npu is not importable or sees no NPU.")
+            raise DeviceUnavailableError(f"{DEVICE_ENV}=npu but torch_npu is not importable or sees no NPU; "
+                                         f"install torch_npu and the CANN toolkit, or unset {DEVICE_ENV}.")
         if forced == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"{DEVICE_ENV}=cuda but torch.cuda.is_available() is False.")
+            raise DeviceUnavailableError(f"{DEVICE_ENV}=cuda but torch.cuda.is_available() is False; check the "
+                                         f"driver and CUDA_VISIBLE_DEVICES, or unset {DEVICE_ENV}.")
         return forced
     if _npu_available():
         return "npu"
@@ -86,7 +100,7 @@ def resolve_backend(requested: Optional[str], device_type: Optional[str] = None)
         return native
     if requested == "gloo":
         return "gloo"
-    raise ValueError(
+    raise DeviceConfigError(
         f"--distributed-backend {requested!r} is not supported; use nccl (mapped to {native} here), "
         f"hccl or gloo."
     )
@@ -115,7 +129,7 @@ def set_local_device() -> torch.device:
     index = local_rank()
     per_node = os.environ.get("NPUS_PER_NODE" if device_type == "npu" else "GPUS_PER_NODE")
     if index >= count:
-        raise RuntimeError(
+        raise DeviceUnavailableError(
             f"LOCAL_RANK={index} but only {count} {device_type} device(s) are visible"
             + (f" (the launcher set {device_type.upper()}S_PER_NODE={per_node})" if per_node else "")
             + "; lower --nproc_per_node or check ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES."

@@ -1,7 +1,8 @@
-"""The training loop (pretraining and DPO), checkpointing and logging."""
+"""The training loop (pretraining and DPO), the tasks it trains, checkpointing and logging."""
 
-from .checkpointing import load_training_state, save_checkpoint
-from .train import build_model, build_optimizer, format_log_line, noise_generator, pretrain
+from .builders import build_predictor, build_pretrain_model
+from .checkpointing import load_training_state, recover_interrupted_save, save_checkpoint
+from .train import build_optimizer, format_log_line, noise_generator, pretrain
 
-__all__ = ["build_model", "build_optimizer", "format_log_line", "load_training_state", "noise_generator",
-           "pretrain", "save_checkpoint"]
+__all__ = ["build_optimizer", "build_predictor", "build_pretrain_model", "format_log_line", "load_training_state",
+           "noise_generator", "pretrain", "recover_interrupted_save", "save_checkpoint"]

@@ -5,20 +5,30 @@
         {"model": DiT state dict (MindSpeed-MM names), "iteration", "consumed_samples", "checkpoint_version": 3.0,
          "optimizer", "opt_param_scheduler" (unless --no-save-optim), "rng_state" (unless --no-save-rng)}
     <save>/iter_0000100/mp_rank_XX/distrib_optim.pt    the distributed optimizer's parameter state
+    <save>/iter_0000100/<name>.json                    records of the run (e.g. dpo_reference.json)
 
-An iteration is written into a hidden temporary folder and renamed into place by rank 0 once every rank
-has finished; only then is the tracker updated (also by rename). A crash mid-save leaves the previous
-checkpoint and tracker untouched. The model part is exactly what the converter and
-`StepVideoDiT.from_pretrained` read.
+A save never leaves the folder unusable, whenever the process is killed:
+
+1. every rank writes into the hidden `.iter_N.tmp`;
+2. if `iter_N` exists (the same iteration saved again), it is renamed to `.iter_N.old`;
+3. `.iter_N.tmp` is renamed to `iter_N`;
+4. the tracker is written to a temporary file and renamed over the old one;
+5. `.iter_N.old` is deleted.
+
+`recover_interrupted_save` (run on the save folder before a job reads or writes it) undoes what a kill left: a
+`.iter_N.tmp` is deleted (it may be incomplete), a `.iter_N.old` is put back when `iter_N` is missing (a kill between
+2 and 3; the tracker still names the complete old folder) and deleted otherwise. The model part is exactly what the
+converter and `StepVideoDiT.from_pretrained` read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +39,8 @@ from ..checkpoint.megatron_layout import (
     RELEASE,
     CheckpointError,
     checkpoint_file,
+    checkpoint_load_errors,
+    iteration_dir,
     iteration_dir_name,
     rank_dir_name,
     read_tracker,
@@ -37,6 +49,10 @@ from ..checkpoint.megatron_layout import (
 )
 
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
+TRACKER_TMP_NAME = "latest_checkpointed_iteration.txt.tmp"
+# distrib_optim.pt only: the weights of the iteration are in model_optim_rng.pt and can still be used.
+_RESUME_FIX = ("Copy the checkpoint again from where it was saved, point --load at another complete iteration, or "
+               "resume with --no-load-optim to keep only the weights of this iteration with a fresh optimizer.")
 
 
 def _rng_state() -> dict:
@@ -59,10 +75,44 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def recover_interrupted_save(save_dir, log=print) -> None:
+    """Make `save_dir` consistent after a save that was killed at any step (see the module docstring).
+
+    Call it on one rank, for a folder this job owns (its --save), before any rank reads or writes it.
+    """
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return
+    for tmp in sorted(save_dir.glob(".iter_*.tmp")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"removed {tmp}, left by an interrupted save")
+    for old in sorted(save_dir.glob(".iter_*.old")):
+        final = save_dir / old.name[1:-len(".old")]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # killed between moving the old copy away and moving the new one in
+            os.replace(old, final)
+            log(f"restored {final} from {old.name}, left by an interrupted save")
+    stale = save_dir / f".{TRACKER_TMP_NAME}"
+    if stale.exists():
+        stale.unlink()
+
+
+def is_complete_checkpoint(save_dir, iteration: int) -> bool:
+    """True when the tracker of `save_dir` names `iteration` and its folder exists (the tracker is written last)."""
+    try:
+        return read_tracker(save_dir) == iteration and (Path(save_dir) / iteration_dir_name(iteration)).is_dir()
+    except CheckpointError:
+        return False
+
+
 def save_checkpoint(save_dir, iteration: int, model, optimizer, scheduler, consumed_samples: int,
                     use_distributed_optimizer: bool, no_save_optim: bool = False, no_save_rng: bool = False,
-                    log=print) -> Path:
-    """Save iteration `iteration` (collective: every rank calls it)."""
+                    records: Optional[Dict[str, dict]] = None, log=print) -> Path:
+    """Save iteration `iteration` (collective: every rank calls it).
+
+    `records`: {name: JSON-able dict} written by rank 0 as `<iter>/<name>.json` (e.g. the DPO reference).
+    """
     from megatron.core import parallel_state as ps
 
     save_dir = Path(save_dir)
@@ -70,8 +120,10 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer, scheduler, consu
     tmp = save_dir / f".{final.name}.tmp"
     if dist.get_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        recover_interrupted_save(save_dir, log=log)
+        tmp.mkdir()
+        for name, record in (records or {}).items():
+            (tmp / f"{name}.json").write_text(json.dumps(record, indent=2))
     dist.barrier()
     rank_dir = tmp / rank_dir_name(ps.get_tensor_model_parallel_rank())
     writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
@@ -91,19 +143,29 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer, scheduler, consu
         optimizer.save_parameter_state(str(rank_dir / DISTRIB_OPTIM_FILENAME))
     dist.barrier()
     if dist.get_rank() == 0:
-        old = None
+        old = save_dir / f".{final.name}.old"
         if final.exists():
-            old = save_dir / f".{final.name}.old"
             os.replace(final, old)
         os.replace(tmp, final)
-        tracker_tmp = save_dir / ".latest_checkpointed_iteration.txt.tmp"
+        tracker_tmp = save_dir / f".{TRACKER_TMP_NAME}"
         tracker_tmp.write_text(str(iteration))
         os.replace(tracker_tmp, tracker_path(save_dir))
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            shutil.rmtree(old)
         log(f"saved checkpoint of iteration {iteration} to {final}")
     dist.barrier()
     return final
+
+
+def read_record(load_dir, name: str) -> Optional[dict]:
+    """The `<name>.json` record of the tracked iteration of `load_dir`, or None when it has none."""
+    path = iteration_dir(load_dir) / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint record is damaged.") from exc
 
 
 def load_training_state(load_dir, optimizer, scheduler, use_distributed_optimizer: bool, finetune: bool = False,
@@ -164,7 +226,8 @@ def _load_distributed_parameter_state(optimizer, path: Path) -> None:
             if "step" in state:
                 steps.append((state, state.pop("step")))
     try:
-        with torch.no_grad():  # fp32 runs: the main parameters are the model's, which require grad
+        # Megatron does its own torch.load: name the file when it is damaged or refused.
+        with checkpoint_load_errors(path, fix=_RESUME_FIX), torch.no_grad():  # fp32: main params require grad
             optimizer.load_parameter_state(str(path))
     finally:
         for state, step in steps:

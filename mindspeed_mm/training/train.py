@@ -1,41 +1,42 @@
 """The training loop shared by pretraining (t2v, i2v) and DPO: short and explicit.
 
-    pretrain(argv)          # pretrain_sora.py
-    pretrain(argv, "dpo")   # posttrain_dpo.py (the DPO model supplies its own loss)
+    pretrain(argv)                                          # pretrain_sora.py
+    pretrain(argv, "dpo", build_model=build_dpo_model)      # posttrain_sora_dpo.py
 
-Steps: flags and configs (validated before anything heavy) -> runtime (TP, CP, DP) -> the DiT, loaded
-strictly from --load or predictor.from_pretrained -> Megatron DDP + (distributed) optimizer + LR schedule
--> resume state -> data -> loop (micro-batches, grad sync, step, log, save).
+Steps: flags and configs (validated before anything heavy) -> runtime (TP, CP, DP) -> the task's module
+(`builders.py`: the DiT, loaded strictly from --load or predictor.from_pretrained, and what surrounds it)
+-> Megatron DDP + (distributed) optimizer + LR schedule -> resume state -> data -> loop (micro-batches,
+grad sync, step, log, save).
 
 Numerics: the loss of a micro-batch is the mean per-sample flow-matching loss, computed on the full
 (context-parallel gathered) output on every CP rank; Megatron DDP averages gradients over data x context
 parallel ranks, which the DiT's CP gradient scaling makes exact. t and the noise come from a generator
 seeded by (seed, iteration, position of the micro-batch in the global batch): identical on the TP/CP
-ranks that share a batch, independent of the data-parallel size, and reproducible on resume.
+ranks that share a batch, independent of the data-parallel size, and reproducible on resume. With --fp16
+each micro-batch loss is multiplied by the optimizer's loss scale before backward; the optimizer divides
+the gradients by it, skips the step on an overflow and adjusts the scale (Megatron's scaler).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..arguments import ArgumentError, parse_args
-from .checkpointing import load_training_state, save_checkpoint
-
-logger = logging.getLogger("mindspeed_mm.training")
-
-
-def _print(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(msg, flush=True)
+from ..arguments import parse_args
+from .builders import build_pretrain_model, params_dtype
+from .builders import print_rank0 as _print
+from .checkpointing import (
+    is_complete_checkpoint,
+    load_training_state,
+    recover_interrupted_save,
+    save_checkpoint,
+)
 
 
 def noise_generator(seed: int, iteration: int, sample_slot: int) -> torch.Generator:
@@ -50,58 +51,6 @@ def noise_generator(seed: int, iteration: int, sample_slot: int) -> torch.Genera
     return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 
-def _params_dtype(args) -> str:
-    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-
-
-def build_predictor(args):
-    """The DiT in the flags' precision, from --load, predictor.from_pretrained, or (announced) random weights."""
-    from ..models.predictor import StepVideoDiT
-
-    cfg = replace(args.mm.model.predictor, dtype=_params_dtype(args))
-    source = args.load or cfg.from_pretrained
-    if source:
-        _print(f"loading the DiT from {source}")
-        dit = StepVideoDiT.from_pretrained(source, replace(cfg, from_pretrained=None))
-    else:
-        _print("WARNING: neither --load nor predictor.from_pretrained is set: the DiT starts from RANDOM weights. "
-               "Set LOAD_PATH (a converted checkpoint) to fine-tune the released model.")
-        dit = StepVideoDiT(cfg)
-    dit.configure_recompute(args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
-    return dit.train()
-
-
-def build_model(args, model_cls=None):
-    """SoRAModel (or `model_cls`) around the DiT, with the frozen encoders when the data are raw videos."""
-    from ..models.ae import StepVideoVAE
-    from ..models.diffusion import FlowMatchScheduler
-    from ..models.sora_model import SoRAModel
-    from ..models.text_encoder import StepVideoTextEncoder
-    from ..runtime import current_device
-
-    model_cfg = args.mm.model
-    if model_cfg.predictor is None or model_cfg.diffusion is None:
-        raise ArgumentError(f"{args.mm_model} needs the 'predictor' and 'diffusion' sections for training.")
-    vae = encoder = None
-    if not model_cfg.load_video_features:
-        if model_cfg.ae is None:
-            raise ArgumentError(f"{args.mm_model}: load_video_features is false, so the 'ae' section is needed.")
-        vae = StepVideoVAE.from_config(model_cfg.ae, device=current_device())
-        vae.decode_group = None
-    if not model_cfg.load_text_features:
-        tokenizers = (args.mm.data.dataset_param.tokenizer_config if args.mm.data is not None else None) \
-            or model_cfg.tokenizer
-        if not model_cfg.text_encoder or not tokenizers:
-            raise ArgumentError(f"{args.mm_model}: load_text_features is false, so 'text_encoder' (model JSON) and "
-                                f"the tokenizers (dataset_param.tokenizer_config) are needed.")
-        encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=current_device())
-    i2v = model_cfg.predictor.use_additional_conditions
-    predictor, scheduler = build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion)
-    if model_cls is not None:  # e.g. SoRADPOModel, which also builds its frozen reference
-        return model_cls.from_training_args(args, predictor, scheduler, vae, encoder, i2v)
-    return SoRAModel(predictor, scheduler, vae=vae, text_encoder=encoder, i2v=i2v)
-
-
 def build_optimizer(args, ddp_model):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -111,7 +60,9 @@ def build_optimizer(args, ddp_model):
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        use_distributed_optimizer=args.use_distributed_optimizer, loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
     )
     # Megatron exempts biases and norms from weight decay only through these overrides, applied as
     # wd_mult by the scheduler below (docs/architecture.md).
@@ -129,13 +80,14 @@ def build_optimizer(args, ddp_model):
 
 
 def format_log_line(iteration: int, train_iters: int, consumed: int, elapsed_ms: float, lr: float, gbs: int,
-                    loss: float, grad_norm: Optional[float], skipped: int, nan_iters: int) -> str:
+                    loss: float, grad_norm: Optional[float], skipped: int, nan_iters: int,
+                    loss_scale: float = 1.0) -> str:
     """Megatron's log line: the seed's launchers read the iteration time as field 5 of a ':' split."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     norm = f"{grad_norm:.3f}" if grad_norm is not None else "nan"
     return (f" [{stamp}] iteration {iteration:8d}/{train_iters:8d} | consumed samples: {consumed:12d} | "
             f"elapsed time per iteration (ms): {elapsed_ms:.1f} | learning rate: {lr:.6E} | "
-            f"global batch size: {gbs:5d} | loss: {loss:.6E} | loss scale: 1.0 | grad norm: {norm} | "
+            f"global batch size: {gbs:5d} | loss: {loss:.6E} | loss scale: {loss_scale:.1f} | grad norm: {norm} | "
             f"number of skipped iterations: {skipped:3d} | number of nan iterations: {nan_iters:3d} |")
 
 
@@ -166,6 +118,15 @@ class MetricsLog:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, iteration)
 
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
 
 def _mean_over(values: Sequence[torch.Tensor], group) -> float:
     total = torch.stack([v.float() for v in values]).mean().reshape(1)
@@ -173,11 +134,32 @@ def _mean_over(values: Sequence[torch.Tensor], group) -> float:
     return total.item() / dist.get_world_size(group)
 
 
-def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", model_cls=None) -> dict:
+def _report_skipped_rows(local: dict, group, reported: int) -> int:
+    """Print, on rank 0, the rows the data-parallel ranks skipped so far (when there are new ones); returns the
+    number reported. Collective over `group`."""
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, local, group=group)
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    if len(merged) > reported:
+        from ..data import summarize_skipped
+
+        _print(f"data: {summarize_skipped(sorted(merged.items()))}")
+    return len(merged)
+
+
+def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
+
+
+def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
+             build_model: Optional[Callable] = None) -> dict:
     """Run training; returns a summary (iteration, last loss, consumed samples). See the module docstring.
 
-    `model_cls` (with a `from_training_args` constructor) replaces SoRAModel, e.g. SoRADPOModel. The model
-    returns per-sample losses (b,), or (losses, {metric name: (b,) tensor}) to log more.
+    `build_model(args)` makes the trained module (default: pretraining's SoRAModel; DPO passes
+    `training.dpo.build_dpo_model`). The module maps (batch, generator) to per-sample losses (b,), or to
+    (losses, {metric name: (b,) tensor}) to log more, and may carry `checkpoint_records` to save.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -192,7 +174,10 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", mode
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = build_model(args, model_cls)
+    if args.save and dist.get_rank() == 0:
+        recover_interrupted_save(args.save, log=_print)  # before anything reads --load (often the same folder)
+    dist.barrier()
+    model = (build_model or build_pretrain_model)(args)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=args.use_distributed_optimizer)
     ddp = DistributedDataParallel(model.config, ddp_config, model)
@@ -202,6 +187,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", mode
         iteration, consumed = load_training_state(
             args.load, optimizer, scheduler, args.use_distributed_optimizer, finetune=args.finetune,
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, log=_print)
+    start_iteration = iteration
 
     data_cfg = args.mm.data
     raw = data_cfg.dataset_param.dataset_type != "feature"
@@ -215,51 +201,72 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain", mode
     metrics = MetricsLog(Path(args.save or "logs") / "metrics.jsonl", args.tensorboard_dir)
     dp_group = ps.get_data_parallel_group()
     skipped = nan_iters = 0
+    skipped_rows, skipped_reported = {}, 0  # line -> reason, rows the data set replaced on this rank
     window_start, window_iters = time.time(), 0
     last_loss = math.nan
-    saved_at = None
+    # An iteration that the save folder already holds complete is not written again (nothing changed).
+    saved_at = iteration if _same_folder(args.load, args.save) and is_complete_checkpoint(args.save, iteration) \
+        else None
+    records = getattr(model, "checkpoint_records", {})
+
+    def save() -> None:
+        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed, args.use_distributed_optimizer,
+                        args.no_save_optim, args.no_save_rng, records=records, log=_print)
+
     _print(f"training: iterations {iteration} -> {args.train_iters}, global batch {args.global_batch_size} = "
            f"micro-batch {args.micro_batch_size} x {args.num_micro_batches} micro-batches x data parallel {dp_size} "
-           f"(TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size})")
-    while iteration < args.train_iters:
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses, extras = [], {}
-        for micro in range(args.num_micro_batches):
-            batch = next(batches)
-            out = ddp(batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank))
-            loss, extra = out if isinstance(out, tuple) else (out, {})
-            (loss.mean() / args.num_micro_batches).backward()
-            losses.append(loss.detach().mean())
-            for key, value in extra.items():
-                extras.setdefault(key, []).append(value.detach().float().mean())
-        ddp.finish_grad_sync()
-        ok, grad_norm, _ = optimizer.step()
-        iteration += 1
-        consumed += args.global_batch_size
-        if ok:
-            scheduler.step(increment=1)
-        else:
-            skipped += 1
-        last_loss = _mean_over(losses, dp_group)
-        if not math.isfinite(last_loss):
-            nan_iters += 1
-        window_iters += 1
-        values = {"loss": last_loss, "learning_rate": optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                  "consumed_samples": consumed}
-        values.update({k: _mean_over(v, dp_group) for k, v in extras.items()})
-        metrics.write(iteration, values)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
-            _print(format_log_line(iteration, args.train_iters, consumed, elapsed_ms, values["learning_rate"],
-                                   args.global_batch_size, last_loss, values["grad_norm"], skipped, nan_iters))
-            window_start, window_iters = time.time(), 0
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed,
-                            args.use_distributed_optimizer, args.no_save_optim, args.no_save_rng, log=_print)
-            saved_at = iteration
-    if args.save and saved_at != iteration:
-        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed, args.use_distributed_optimizer,
-                        args.no_save_optim, args.no_save_rng, log=_print)
-    return {"iteration": iteration, "loss": last_loss, "consumed_samples": consumed}
+           f"(TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size}, {params_dtype(args)})")
+    try:
+        while iteration < args.train_iters:
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            losses, extras = [], {}
+            for micro in range(args.num_micro_batches):
+                batch = next(batches)
+                for rows in batch.get("skipped_rows", ()):
+                    skipped_rows.update((int(line), reason) for line, reason in rows)
+                out = ddp(batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank))
+                loss, extra = out if isinstance(out, tuple) else (out, {})
+                # fp16: scaled by the optimizer's loss scale (1 otherwise); the optimizer unscales the gradients.
+                optimizer.scale_loss(loss.mean() / args.num_micro_batches).backward()
+                losses.append(loss.detach().mean())
+                for key, value in extra.items():
+                    extras.setdefault(key, []).append(value.detach().float().mean())
+            ddp.finish_grad_sync()
+            loss_scale = optimizer.get_loss_scale().item()  # the scale this step's gradients carry
+            ok, grad_norm, _ = optimizer.step()
+            iteration += 1
+            consumed += args.global_batch_size
+            if ok:
+                scheduler.step(increment=1)
+            else:
+                skipped += 1
+            last_loss = _mean_over(losses, dp_group)
+            if not math.isfinite(last_loss):
+                nan_iters += 1
+            window_iters += 1
+            values = {"loss": last_loss, "learning_rate": optimizer.param_groups[0]["lr"],
+                      "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                      "loss_scale": loss_scale, "consumed_samples": consumed}
+            values.update({k: _mean_over(v, dp_group) for k, v in extras.items()})
+            metrics.write(iteration, values)
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
+                _print(format_log_line(iteration, args.train_iters, consumed, elapsed_ms, values["learning_rate"],
+                                       args.global_batch_size, last_loss, values["grad_norm"], skipped, nan_iters,
+                                       loss_scale=loss_scale))
+                skipped_reported = _report_skipped_rows(skipped_rows, dp_group, skipped_reported)
+                metrics.flush()
+                window_start, window_iters = time.time(), 0
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                save()
+                saved_at = iteration
+        if args.save and saved_at != iteration:
+            save()
+        elif args.save and iteration == start_iteration:
+            _print(f"iteration {iteration} is already saved complete in {args.save}; nothing to train or save "
+                   f"(raise --train-iters to continue)")
+    finally:
+        metrics.close()
+    return {"iteration": iteration, "loss": last_loss, "consumed_samples": consumed,
+            "skipped_rows": len(skipped_rows)}

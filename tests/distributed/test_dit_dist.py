@@ -101,6 +101,18 @@ def _full_gradient(key, grad, state):
     return grad
 
 
+def _check_tp_attributes(model):
+    """Megatron's grad norm (and so clipping) counts a parameter on every TP rank only when it is marked
+    `tensor_model_parallel`; unmarked, it is counted on TP rank 0 alone. Loaded weights (no init) must be marked
+    exactly when they are split."""
+    from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
+
+    for key, param in model.named_parameters():
+        split = adapter.full_shape(key, param.shape, 2) != tuple(param.shape)  # split by the plan (at any TP)
+        marked = bool(getattr(param, "tensor_model_parallel", False))
+        assert marked == split, f"{key}: split over TP {split}, marked tensor_model_parallel {marked}"
+
+
 def _check_layout(tp: int, cp: int):
     from mindspeed_mm.models.predictor import StepVideoDiT
     from mindspeed_mm.runtime import initialize_model_parallel, set_random_seed
@@ -112,6 +124,7 @@ def _check_layout(tp: int, cp: int):
         model = StepVideoDiT.from_pretrained(_folder(i2v), dtype="fp32")
         assert (model.parallel.tp, model.parallel.cp) == (tp, cp)
         assert set(model.state_dict()) == set(ref_grads), "parameter names differ from TP=1"
+        _check_tp_attributes(model)
         for recompute in RECOMPUTE:
             model.configure_recompute(*(recompute or (None,)))
             tag = f"tp{tp} cp{cp} {'i2v' if i2v else 't2v'} recompute={recompute}"

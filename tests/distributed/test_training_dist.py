@@ -1,9 +1,11 @@
 """Training under TP x CP and DP x CP on gloo gives the single-process result.
 
 Rank 0 first trains the same 2 iterations (global batch 2, 2 micro-batches, fp32) in a plain single
-process; then all four ranks train with the layout under test, and the merged final weights are
-compared. Noise and timesteps are seeded by the sample's position in the global batch, so every layout
-draws the same ones (mindspeed_mm/training/train.py).
+process; then all four ranks train with the layout under test, and the logged loss and grad norm of each
+step and the merged final weights are compared. The grad norm is what sees a gradient-scale error: AdamW
+normalises the update, so weights after clipped AdamW steps barely move when every gradient is scaled by 4.
+Noise and timesteps are seeded by the sample's position in the global batch, so every layout draws the same
+ones (mindspeed_mm/training/train.py). DP=2 resume is checked against the same run uninterrupted.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def _check_layout(tp: int, cp: int, i2v: bool):
     assert summary["iteration"] == 2
     dist.barrier()
     if dist.get_rank() == 0:
+        want_log, got_log = _metrics(root / "reference"), _metrics(root / "parallel")
+        for it in (1, 2):
+            for key in ("loss", "grad_norm"):
+                a, b = want_log[it][key], got_log[it][key]
+                assert abs(b - a) <= 1e-5 * abs(a), f"step {it} {key}: {b} vs one process {a} (TP {tp}, CP {cp})"
         want, _ = read_megatron_full(root / "reference", log=lambda m: None)
         got, info = read_megatron_full(root / "parallel", log=lambda m: None)
         assert info["tp"] == tp and set(got) == set(want)
@@ -72,6 +79,54 @@ def _check_layout(tp: int, cp: int, i2v: bool):
             diff = (got[key] - want[key]).abs().max().item()
             assert diff <= 2e-5 * scale, f"{key}: max |diff| {diff:.3e} after 2 steps (TP {tp}, CP {cp})"
     dist.barrier()
+
+
+def _metrics(save: Path) -> dict:
+    import json
+
+    return {m["iteration"]: m for m in map(json.loads, (save / "metrics.jsonl").read_text().splitlines())}
+
+
+def _check_dp2_resume(extra):
+    import shutil
+
+    import torch
+
+    from mindspeed_mm.training import pretrain
+    from tests.helpers.training_fixtures import train_argv, write_training_configs
+
+    root = _shared_tmp()
+    if dist.get_rank() == 0:
+        write_training_configs(root / "w")
+    dist.barrier()
+    paths = {"data": root / "w" / "data.json", "model": root / "w" / "model.json"}
+    assert pretrain(train_argv(paths, root / "full", iters=4, extra=extra))["iteration"] == 4
+    if dist.get_rank() == 0:
+        shutil.copytree(root / "full" / "iter_0000002", root / "resume" / "iter_0000002")
+        (root / "resume" / "latest_checkpointed_iteration.txt").write_text("2")
+    dist.barrier()
+    summary = pretrain(train_argv(paths, root / "resume", iters=4, extra=extra + ["--load", str(root / "resume")]))
+    assert summary["iteration"] == 4 and summary["consumed_samples"] == 8
+    if dist.get_rank() == 0:
+        for it in (3, 4):
+            a, b = _metrics(root / "full")[it], _metrics(root / "resume")[it]
+            assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), (it, a, b)
+        name = "iter_0000004/mp_rank_00/model_optim_rng.pt"
+        want = torch.load(root / "full" / name, weights_only=False)["model"]
+        got = torch.load(root / "resume" / name, weights_only=False)["model"]
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    dist.barrier()
+
+
+@dist_case(world_size=2)
+def case_dp2_resume_is_bitwise_with_the_distributed_optimizer():
+    _check_dp2_resume(["--use-distributed-optimizer"])
+
+
+@dist_case(world_size=2)
+def case_dp2_resume_is_bitwise_in_bf16():
+    _check_dp2_resume(["--bf16"])
 
 
 @dist_case(world_size=4)

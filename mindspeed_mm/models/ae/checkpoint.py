@@ -17,6 +17,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from safetensors import safe_open
 from ...errors import MindSpeedMMError
+from ..weights_layout import WeightsNotFoundError
 
 WEIGHT_FILES = {2: "vae_v2.safetensors", 1: "vae.safetensors"}
 _DISK_PREFIX = "decoder.conv_out."
@@ -49,7 +50,7 @@ def module_to_disk_key(key: str) -> str:
 def resolve_weights_file(path: str, version: int) -> str:
     """`path` itself if it is a file; for a folder, its `vae_v2.safetensors` / `vae.safetensors` by version."""
     if not path or not os.path.exists(path):
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"StepVideo VAE: weights '{path}' (from_pretrained) do not exist. Point from_pretrained at the "
             f"official vae/{WEIGHT_FILES[2]} (version 2) or vae/{WEIGHT_FILES[1]} (version 1), or at the vae/ "
             f"folder that holds them."
@@ -58,7 +59,7 @@ def resolve_weights_file(path: str, version: int) -> str:
         file = os.path.join(path, WEIGHT_FILES[version])
         if not os.path.isfile(file):
             present = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"StepVideo VAE: folder '{path}' has no {WEIGHT_FILES[version]} (version {version}); it holds "
                 f"{present or 'no .safetensors file'}. Version 2 uses {WEIGHT_FILES[2]}, version 1 uses "
                 f"{WEIGHT_FILES[1]}: set 'version' to match, or point from_pretrained at the file."

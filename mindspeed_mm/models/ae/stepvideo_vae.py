@@ -40,8 +40,10 @@ class VAEInputError(MindSpeedMMError, ValueError):
     """A video or latent tensor the VAE cannot take; the message says what is accepted."""
 
 
-class VAEConfigError(ValueError):
-    """Constructor arguments that do not describe a buildable StepVideo VAE."""
+class VAEConfigError(MindSpeedMMError, ValueError):
+    """Constructor arguments (the model JSON's `ae` section) that do not describe a buildable StepVideo VAE."""
+
+    same_on_all_ranks = True  # checks of config values, identical on every rank
 
 
 def _dtype(value: Union[str, torch.dtype]) -> torch.dtype:

@@ -11,16 +11,61 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
+
 from ...errors import MindSpeedMMError
+from ..weights_layout import WeightsNotFoundError
+
+# What to do about a damaged file of the download, when the caller does not say.
+REDOWNLOAD_FIX = ("Download the file again: an interrupted download or copy leaves it short (compare its size with "
+                  "the source's).")
+_TRUNCATED_SIGNS = ("incomplete metadata", "header too small", "invalid header length")
 
 
 class CheckpointMismatchError(MindSpeedMMError, ValueError):
     """Checkpoint keys or shapes that do not match the model; the message lists them."""
+
+
+class WeightsFileError(MindSpeedMMError, ValueError):
+    """A weights, index or config file that cannot be read (truncated, corrupt, not the expected format);
+    the message names the file and what to do."""
+
+
+def describe_safetensors_error(exc: BaseException) -> str:
+    """Why safetensors could not read a file, in words."""
+    message = str(exc)
+    if any(sign in message for sign in _TRUNCATED_SIGNS):
+        return f"the file is truncated ({message})"
+    return f"the file is damaged or is not a safetensors file ({message})"
+
+
+@contextmanager
+def open_safetensors(path, what: str, fix: str = REDOWNLOAD_FIX, device: str = "cpu") -> Iterator[Any]:
+    """`safe_open(path)`; a file that safetensors cannot read (truncated, corrupt, not safetensors), on opening
+    or while reading tensors in the block, raises WeightsFileError naming `what`, the file and `fix`."""
+    try:
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            yield handle
+    except SafetensorError as exc:
+        raise WeightsFileError(f"{what}: cannot read '{path}': {describe_safetensors_error(exc)}. {fix}") from exc
+
+
+def read_json_file(path, what: str, fix: str = REDOWNLOAD_FIX) -> Any:
+    """The JSON value in `path`; a file that is not valid UTF-8 JSON raises WeightsFileError naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise WeightsFileError(f"{what}: '{path}' is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                               f"{exc.colno}); it is truncated or damaged. {fix}") from exc
+    except UnicodeDecodeError as exc:
+        raise WeightsFileError(f"{what}: '{path}' is not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
+                               f"it is damaged or not the JSON file expected there. {fix}") from exc
 
 
 def shard_map(folder: str, index_name: str, single_name: str, what: str) -> Dict[str, str]:
@@ -28,21 +73,22 @@ def shard_map(folder: str, index_name: str, single_name: str, what: str) -> Dict
     index_path = os.path.join(folder, index_name)
     single_path = os.path.join(folder, single_name)
     if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as handle:
-            weight_map = json.load(handle).get("weight_map")
+        index = read_json_file(index_path, what)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointMismatchError(f"{what}: {index_path} has no 'weight_map'.")
+            raise WeightsFileError(f"{what}: {index_path} has no 'weight_map'; it is not a safetensors index. "
+                                   f"{REDOWNLOAD_FIX}")
         missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
         if missing:
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"{what}: {index_path} names shard(s) that are not in {folder}: {', '.join(missing)}. "
                 f"Finish the download (all shards listed in the index are needed)."
             )
         return {key: os.path.join(folder, name) for key, name in weight_map.items()}
     if os.path.isfile(single_path):
-        with safe_open(single_path, framework="pt") as handle:
+        with open_safetensors(single_path, what) as handle:
             return {key: single_path for key in handle.keys()}
-    raise FileNotFoundError(
+    raise WeightsNotFoundError(
         f"{what}: '{folder}' has neither {index_name} nor {single_name}; point from_pretrained at the folder "
         f"that holds the safetensors weights."
     )
@@ -80,8 +126,11 @@ def load_sharded_safetensors(
     dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
     rename: Optional[Callable[[str], str]] = None,
+    what: Optional[str] = None,
 ) -> None:
-    """Strictly load `key_to_file` into `module` (which may live on `meta`), one shard at a time."""
+    """Strictly load `key_to_file` into `module` (which may live on `meta`), one shard at a time.
+    `what` names the model in errors about unreadable files (default: `source`)."""
+    what = what or source
     rename = rename or (lambda k: k)
     expected = {k: v.shape for k, v in module.state_dict().items()}
     by_file: Dict[str, list] = defaultdict(list)
@@ -89,13 +138,19 @@ def load_sharded_safetensors(
     for key, path in key_to_file.items():
         by_file[path].append(key)
     for path, keys in by_file.items():
-        with safe_open(path, framework="pt") as handle:
+        with open_safetensors(path, what) as handle:
+            absent = set(keys) - set(handle.keys())
+            if absent:
+                raise WeightsFileError(
+                    f"{what}: the index maps {_format_keys(absent)} to '{path}', which does not hold them; the index "
+                    f"and its shards come from different downloads. {REDOWNLOAD_FIX}"
+                )
             for key in keys:
                 found[rename(key)] = torch.Size(handle.get_slice(key).get_shape())
     check_keys_and_shapes(expected, found, source)
     for path, keys in by_file.items():
         shard = {}
-        with safe_open(path, framework="pt") as handle:
+        with open_safetensors(path, what) as handle:
             for key in keys:
                 tensor = handle.get_tensor(key)
                 if dtype is not None and tensor.is_floating_point():

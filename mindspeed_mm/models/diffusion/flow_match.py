@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ...config.base import ConfigError
 from ..registry import register_model
 
 
@@ -35,16 +36,16 @@ class FlowMatchScheduler:
                  solver: str = "euler", num_inference_timesteps: Optional[int] = None,
                  train_shift: Optional[float] = None):
         if reverse:
-            raise ValueError(
+            raise ConfigError(
                 "diffusion.reverse = true runs the schedule from data to noise, which is not the convention of the "
                 "released StepVideo weights (t = 0 is noise, t = 1 is data); set \"reverse\": false."
             )
         if solver != "euler":
-            raise ValueError(f"diffusion.solver {solver!r} is not supported; use \"euler\".")
+            raise ConfigError(f"diffusion.solver {solver!r} is not supported; use \"euler\".")
         if shift <= 0:
-            raise ValueError(f"diffusion.shift {shift} must be positive (13.0 in the released pipeline).")
+            raise ConfigError(f"diffusion.shift {shift} must be positive (13.0 in the released pipeline).")
         if num_train_timesteps < 1:
-            raise ValueError(f"diffusion.num_train_timesteps {num_train_timesteps} must be at least 1.")
+            raise ConfigError(f"diffusion.num_train_timesteps {num_train_timesteps} must be at least 1.")
         # Kept for the seed's configs; the DiT scales t by 1000 itself, so it does not enter the math.
         self.num_train_timesteps = num_train_timesteps
         self.shift = float(shift)

@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ...config.base import ConfigError
 from .hunyuan_clip import HunyuanClipEncoder
 from .step_llm import StepLLMEncoder
 from .tokenizers import BertPromptTokenizer, StepChatTokenizer, build_tokenizer
@@ -24,10 +25,10 @@ from .tokenizers import BertPromptTokenizer, StepChatTokenizer, build_tokenizer
 _EXPECTED = (("StepLLmModel", "stepchat"), ("BertModel", "BertTokenizer"))
 
 
-def _pairing_error(what: str, got: list) -> ValueError:
+def _pairing_error(what: str, got: list) -> ConfigError:
     want = [m for m, _ in _EXPECTED] if what == "text_encoder" else [t for _, t in _EXPECTED]
     key = "model_id" if what == "text_encoder" else "autotokenizer_name"
-    return ValueError(
+    return ConfigError(
         f"the {what} list must hold two entries with {key} {want[0]!r} then {want[1]!r} (StepVideo conditions on "
         f"Step-LLM and HunyuanCLIP together); got {got}."
     )

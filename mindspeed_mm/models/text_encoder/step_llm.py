@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common.safetensors_io import load_sharded_safetensors, shard_map
+from ...config.base import ConfigError
+from ..common.safetensors_io import load_sharded_safetensors, read_json_file, shard_map
 from ..registry import register_model
 from ..weights_layout import require_file, require_path
 
@@ -57,11 +58,14 @@ class StepLLMConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "StepLLMConfig":
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
+        raw = read_json_file(path, "Step-LLM text encoder")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object (the config.json of step_llm/), got "
+                              f"{type(raw).__name__}.")
         missing = [k for k in cls.REQUIRED if k not in raw]
         if missing:
-            raise KeyError(f"{path} lacks required key(s) {', '.join(missing)} of a Step-LLM config.json.")
+            raise ConfigError(f"{path} lacks required key(s) {', '.join(missing)} of a Step-LLM config.json; use "
+                              f"the config.json of step_llm/ from the official download.")
         names = {f for f in cls.__dataclass_fields__}
         config = cls(**{k: v for k, v in raw.items() if k in names})
         config.validate(path)
@@ -77,12 +81,16 @@ class StepLLMConfig:
         return 256 * math.ceil(self.ffn_hidden_size / 256)
 
     def validate(self, source: str = "step_llm config") -> None:
+        for key in self.REQUIRED:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}.")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"{source}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                             f"{self.num_attention_heads}.")
+            raise ConfigError(f"{source}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}.")
         if self.num_attention_heads % self.num_attention_groups:
-            raise ValueError(f"{source}: num_attention_heads {self.num_attention_heads} is not divisible by "
-                             f"num_attention_groups {self.num_attention_groups}.")
+            raise ConfigError(f"{source}: num_attention_heads {self.num_attention_heads} is not divisible by "
+                              f"num_attention_groups {self.num_attention_groups}.")
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -207,7 +215,7 @@ class StepLLMEncoder(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         files = shard_map(folder, INDEX_NAME, SINGLE_NAME, what)
-        load_sharded_safetensors(model, files, source=folder, dtype=dtype, device=device or "cpu")
+        load_sharded_safetensors(model, files, source=folder, dtype=dtype, device=device or "cpu", what=what)
         if config.embedding_weights_in_fp32:
             model.tok_embeddings.float()
         return model.eval().requires_grad_(False)

@@ -11,7 +11,9 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..weights_layout import require_path
+from ...config.base import ConfigError
+from ..common.safetensors_io import REDOWNLOAD_FIX, WeightsFileError, read_json_file
+from ..weights_layout import WeightsNotFoundError, require_path
 
 # Must exist in step1_chat_tokenizer.model; the first six as control tokens (the official check).
 STEPCHAT_CONTROL_TOKENS = ("<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>", "<|THINK_END|>")
@@ -33,10 +35,17 @@ class StepChatTokenizer:
 
         require_path(model_file, "StepChat tokenizer (step1_chat_tokenizer.model)")
         if model_max_length < 2:
-            raise ValueError(f"model_max_length {model_max_length} must leave room for BOS and EOS (>= 2).")
+            raise ConfigError(f"StepChat tokenizer: model_max_length {model_max_length} must leave room for BOS and "
+                              f"EOS (>= 2); set the tokenizer's model_max_length in the model JSON (320).")
         self.model_file = model_file
         self.model_max_length = model_max_length
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        except RuntimeError as exc:  # sentencepiece's only error type, for an unparsable model file
+            raise WeightsFileError(
+                f"StepChat tokenizer: cannot read '{model_file}' as a SentencePiece model ({exc}); the file is "
+                f"truncated or is not step1_chat_tokenizer.model. {REDOWNLOAD_FIX}"
+            ) from exc
         self._check_special_tokens()
 
     def _check_special_tokens(self) -> None:
@@ -48,7 +57,7 @@ class StepChatTokenizer:
             elif token in STEPCHAT_CONTROL_TOKENS and not self.sp.is_control(idx):
                 problems.append(f"{token} is not a control token")
         if problems:
-            raise ValueError(
+            raise WeightsFileError(
                 f"{self.model_file} is not a StepChat tokenizer: {'; '.join(problems)}. Use the "
                 f"step1_chat_tokenizer.model from the step_llm/ folder of the official download."
             )
@@ -80,9 +89,13 @@ class BertPromptTokenizer:
         from transformers import BertTokenizer
 
         require_path(folder, "HunyuanCLIP tokenizer (hunyuan_clip/tokenizer)", is_dir=True)
+        what = "HunyuanCLIP tokenizer"
         if not os.path.isfile(os.path.join(folder, "vocab.txt")):
-            raise FileNotFoundError(f"HunyuanCLIP tokenizer: '{folder}' has no vocab.txt; point from_pretrained at "
-                                    f"hunyuan_clip/tokenizer of the official download.")
+            raise WeightsNotFoundError(f"{what}: '{folder}' has no vocab.txt; point from_pretrained at "
+                                       f"hunyuan_clip/tokenizer of the official download.")
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # name the file if one is damaged
+            if os.path.isfile(os.path.join(folder, name)):
+                read_json_file(os.path.join(folder, name), what)
         self.model_max_length = model_max_length
         self.tokenizer = BertTokenizer.from_pretrained(folder)
 

@@ -28,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from mindspeed_mm.config.model import PredictorConfig, torch_dtype
+from mindspeed_mm.errors import MindSpeedMMError
 from mindspeed_mm.models.registry import register_model
 from mindspeed_mm.runtime.device import current_device
 
@@ -42,6 +43,11 @@ RECOMPUTE_GRANULARITY_FLAG = "--recompute-granularity"
 RECOMPUTE_METHOD_FLAG = "--recompute-method"
 RECOMPUTE_NUM_LAYERS_FLAG = "--recompute-num-layers"
 DEFAULT_MOTION_SCORE = 5.0
+
+
+class DiTInputError(MindSpeedMMError, ValueError):
+    """Inputs (latents, conditions, text states) that do not fit the DiT's config: features or a model JSON
+    that do not match the weights; the message names the config key."""
 
 
 def _drop_extra_state(module, state_dict, prefix, local_metadata):
@@ -196,18 +202,20 @@ class StepVideoDiT(MegatronModule):
             raise ValueError(f"latents must be (b, f, c, h, w), got shape {tuple(latents.shape)}.")
         b, _, c, height, width = latents.shape
         if c != cfg.in_channels:
-            raise ValueError(f"latents have {c} channels but the predictor's in_channels is {cfg.in_channels}.")
+            raise DiTInputError(f"latents have {c} channels but the predictor's in_channels is {cfg.in_channels}; "
+                                f"the latents (features, ae.z_channels) and the DiT config must agree.")
         if height % cfg.patch_size or width % cfg.patch_size:
-            raise ValueError(f"latent height/width {height}x{width} must be multiples of patch_size {cfg.patch_size}.")
+            raise DiTInputError(f"latent height/width {height}x{width} must be multiples of patch_size "
+                                f"{cfg.patch_size}; choose a video resolution whose latents are.")
         if cfg.use_additional_conditions:
             if image_latents is None:
-                raise ValueError("this is an i2v DiT (use_additional_conditions=true): pass image_latents "
+                raise DiTInputError("this is an i2v DiT (use_additional_conditions=true): pass image_latents "
                                  "(b, f, c, h, w), the condition frames concatenated on the channel axis.")
             if tuple(image_latents.shape) != tuple(latents.shape):
-                raise ValueError(f"image_latents {tuple(image_latents.shape)} must have the latents' shape "
+                raise DiTInputError(f"image_latents {tuple(image_latents.shape)} must have the latents' shape "
                                  f"{tuple(latents.shape)}.")
         elif image_latents is not None or motion_score is not None:
-            raise ValueError("image_latents/motion_score were given to a t2v DiT (use_additional_conditions=false); "
+            raise DiTInputError("image_latents/motion_score were given to a t2v DiT (use_additional_conditions=false); "
                              "load i2v weights or drop them.")
         if not isinstance(prompt, (list, tuple)) or len(prompt) != 2:
             raise ValueError("prompt must be [step_llm states (b, L1, C1), clip states (b, L2, C2)].")
@@ -217,7 +225,7 @@ class StepVideoDiT(MegatronModule):
         llm_mask = prompt_mask[0].squeeze(1) if prompt_mask[0].dim() == 3 else prompt_mask[0]
         for name, t, width in (("step_llm", llm, cfg.caption_channels[0]), ("clip", clip, cfg.caption_channels[1])):
             if t.dim() != 3 or t.shape[0] != b or t.shape[2] != width:
-                raise ValueError(f"{name} states must be (b={b}, L, {width}) (caption_channels), "
+                raise DiTInputError(f"{name} states must be (b={b}, L, {width}) (caption_channels), "
                                  f"got {tuple(t.shape)}.")
         if tuple(llm_mask.shape) != tuple(llm.shape[:2]):
             raise ValueError(f"step_llm mask {tuple(llm_mask.shape)} must be (b, L1) = {tuple(llm.shape[:2])}.")
@@ -255,7 +263,7 @@ class StepVideoDiT(MegatronModule):
         lengths = valid.sum(dim=1)
         positions = torch.arange(valid.shape[1], device=valid.device)
         if not torch.equal(valid, positions[None, :] < lengths[:, None]):
-            raise ValueError("the step_llm mask must be a prefix of ones per sample (right padding): the DiT "
+            raise DiTInputError("the step_llm mask must be a prefix of ones per sample (right padding): the DiT "
                              "uses only its valid length, as the official code does.")
         kv_len = lengths + clip_len
         max_kv = int(kv_len.max())

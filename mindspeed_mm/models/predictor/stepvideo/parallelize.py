@@ -195,17 +195,29 @@ def build_linear(name: str, in_features: int, out_features: int, bias: bool, con
             if bias:
                 nn.init.zeros_(layer.bias)
         return layer
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        set_tensor_model_parallel_attributes,
+    )
 
     if plan.style == "column":
-        return ColumnParallelLinear(
+        layer = ColumnParallelLinear(
             in_features, out_features, config=config, init_method=_init_normal, bias=bias,
             gather_output=plan.gather_output, tp_group=state.tp_group,
         )
-    return RowParallelLinear(
-        in_features, out_features, config=config, init_method=_init_normal, bias=bias,
-        input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group,
-    )
+    else:
+        layer = RowParallelLinear(
+            in_features, out_features, config=config, init_method=_init_normal, bias=bias,
+            input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group,
+        )
+    # Megatron marks the weight as split only inside its init functions, which do not run when the weights are
+    # loaded (perform_initialization false). Unmarked, the grad norm counts it on TP rank 0 alone, so clipping
+    # under TP would use a wrong norm.
+    if not hasattr(layer.weight, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(layer.weight, is_parallel=True,
+                                             dim=0 if plan.style == "column" else 1, stride=1)
+    return layer
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

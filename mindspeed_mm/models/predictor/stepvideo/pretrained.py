@@ -30,7 +30,7 @@ import torch
 from mindspeed_mm.checkpoint import is_megatron_checkpoint, load_model_state_dict
 from mindspeed_mm.config.base import ConfigError, from_dict, to_dict
 from mindspeed_mm.config.model import PredictorConfig
-from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError
+from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError, open_safetensors, read_json_file
 from mindspeed_mm.models.weights_layout import OFFICIAL_LAYOUT, WeightsNotFoundError
 
 from . import state_dict_adapter as adapter
@@ -190,7 +190,8 @@ def _load_strict(model, local_sd: Dict[str, torch.Tensor], full_shapes: Dict[str
 def _weight_files(path: Path):
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        raw = read_json_file(index, "StepVideo DiT")
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise PretrainedLoadError(f"{index} has no 'weight_map'; it is not a safetensors index.")
         files = sorted(set(weight_map.values()))
@@ -212,8 +213,6 @@ def _weight_files(path: Path):
 
 
 def _load_official(cls, path: Path, config, device, overrides):
-    from safetensors import safe_open
-
     cfg = _official_config(path, config, overrides)
     files = _weight_files(path)
     model = cls(cfg, device=device, perform_initialization=False)
@@ -223,7 +222,7 @@ def _load_official(cls, path: Path, config, device, overrides):
     origin: Dict[str, str] = {}
     unsplittable = set()
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with open_safetensors(file, "StepVideo DiT") as handle:
             for official_key in handle.keys():
                 tensor = handle.get_tensor(official_key)
                 key = adapter.official_key_to_ours(official_key)

@@ -26,7 +26,13 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from ....errors import MindSpeedMMError
 from .parallelize import TP_FLAG, plan_for_parameter, split_dim
+
+
+class WeightsLayoutError(MindSpeedMMError, ValueError):
+    """Weights or an official config.json that do not fit the DiT layout (head_dim, TP size, required keys);
+    the message names the key and the fix."""
 
 OFFICIAL_TO_OURS = (
     ("attn1.wqkv.", "attn1.proj_qkv."),
@@ -70,7 +76,7 @@ def fused_parts(key: str) -> int:
 def _check_rows(weight: torch.Tensor, parts: int, head_dim: int, key: str) -> int:
     rows = weight.shape[0]
     if rows % (parts * head_dim) != 0:
-        raise ValueError(
+        raise WeightsLayoutError(
             f"{key}: {rows} rows are not a multiple of {parts} x head_dim {head_dim}; "
             f"the weights do not match the configured head_dim."
         )
@@ -127,7 +133,7 @@ def infer_head_dim(keys_and_shapes: Mapping[str, Tuple[int, ...]]) -> Optional[i
 
 def _divisible(size: int, tp_size: int, key: str, what: str) -> None:
     if size % tp_size != 0:
-        raise ValueError(
+        raise WeightsLayoutError(
             f"{key}: {what} {size} cannot be split over {TP_FLAG} {tp_size}; choose a TP size that "
             f"divides it."
         )
@@ -186,7 +192,7 @@ def merge_state_dicts(shards: List[Mapping[str, torch.Tensor]]) -> Dict[str, tor
     for rank, sd in enumerate(shards[1:], start=1):
         if set(sd) != set(keys):
             diff = sorted(set(sd) ^ set(keys))
-            raise ValueError(f"TP rank {rank} holds different keys than rank 0: {diff[:10]}")
+            raise WeightsLayoutError(f"TP rank {rank} holds different keys than rank 0: {diff[:10]}")
     return {k: merge_tensor(k, [sd[k] for sd in shards]) for k in keys}
 
 
@@ -256,7 +262,7 @@ def default_channel_split(head_dim: int) -> List[int]:
     """The official RoPE split is [64, 32, 32] for head_dim 128: half for frames, a quarter
     each for rows and columns. Other head dims keep those proportions."""
     if head_dim % 8 != 0:
-        raise ValueError(
+        raise WeightsLayoutError(
             f"head_dim {head_dim}: the official RoPE split (1/2, 1/4, 1/4 of head_dim, each even) needs "
             f"head_dim divisible by 8; set channel_split explicitly."
         )
@@ -269,17 +275,17 @@ def predictor_kwargs_from_official_config(config: Mapping, source: str) -> Dict:
     known |= set(OFFICIAL_CONFIG_IGNORED)
     unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
     if unknown:
-        raise ValueError(
+        raise WeightsLayoutError(
             f"{source}: unknown key(s) {unknown} in the official DiT config; expected the StepVideoModel "
             f"constructor keys {sorted(known)}."
         )
     missing = [k for k in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers")
                if k not in config]
     if missing:
-        raise ValueError(f"{source}: missing required key(s) {missing} in the official DiT config.")
+        raise WeightsLayoutError(f"{source}: missing required key(s) {missing} in the official DiT config.")
     caption = config.get("caption_channels", [6144, 1024])
     if not isinstance(caption, (list, tuple)) or len(caption) != 2:
-        raise ValueError(
+        raise WeightsLayoutError(
             f"{source}: caption_channels {caption!r} must be [step_llm width, clip width]; a single width "
             f"(no CLIP projection) is not a StepVideo checkpoint this DiT can run."
         )

@@ -1,0 +1,90 @@
+"""What the training loop trains: the DiT from its checkpoint, the frozen encoders, and the loss module.
+
+A task is a function `build(args) -> module` whose module maps (batch, generator) to per-sample losses, or to
+(losses, {metric name: per-sample tensor}). `build_pretrain_model` is pretraining (t2v and i2v);
+`mindspeed_mm.training.dpo.build_dpo_model` is DPO. The models themselves never read flags: everything they need
+is passed to their constructors here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional, Tuple
+
+import torch.distributed as dist
+
+from ..arguments import ArgumentError
+
+
+def print_rank0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def params_dtype(args) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def load_dit(args, source: Optional[str], recompute: bool = True):
+    """The DiT in the flags' precision from `source` (--load, a from_pretrained path), or announced random weights."""
+    from ..models.predictor import StepVideoDiT
+
+    cfg = replace(args.mm.model.predictor, dtype=params_dtype(args))
+    if source:
+        dit = StepVideoDiT.from_pretrained(source, replace(cfg, from_pretrained=None))
+    else:
+        print_rank0("WARNING: neither --load nor predictor.from_pretrained is set: the DiT starts from RANDOM "
+                    "weights. Set LOAD_PATH (a converted checkpoint) to fine-tune the released model.")
+        dit = StepVideoDiT(cfg)
+    if recompute:
+        dit.configure_recompute(args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+    return dit
+
+
+def build_predictor(args):
+    """The trained DiT: from --load, else predictor.from_pretrained, else (announced) random weights."""
+    source = args.load or args.mm.model.predictor.from_pretrained
+    if source:
+        print_rank0(f"loading the DiT from {source}")
+    return load_dit(args, source).train()
+
+
+def build_encoders(args) -> Tuple[object, object]:
+    """(VAE, text encoder), each None when the data hold its output already (load_*_features true)."""
+    from ..models.ae import StepVideoVAE
+    from ..models.text_encoder import StepVideoTextEncoder
+    from ..runtime import current_device
+
+    model_cfg = args.mm.model
+    vae = encoder = None
+    if not model_cfg.load_video_features:
+        if model_cfg.ae is None:
+            raise ArgumentError(f"{args.mm_model}: load_video_features is false, so the 'ae' section is needed.")
+        vae = StepVideoVAE.from_config(model_cfg.ae, device=current_device())
+        vae.decode_group = None
+    if not model_cfg.load_text_features:
+        tokenizers = (args.mm.data.dataset_param.tokenizer_config if args.mm.data is not None else None) \
+            or model_cfg.tokenizer
+        if not model_cfg.text_encoder or not tokenizers:
+            raise ArgumentError(f"{args.mm_model}: load_text_features is false, so 'text_encoder' (model JSON) and "
+                                f"the tokenizers (dataset_param.tokenizer_config) are needed.")
+        encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=current_device())
+    return vae, encoder
+
+
+def check_training_sections(args) -> None:
+    model_cfg = args.mm.model
+    if model_cfg.predictor is None or model_cfg.diffusion is None:
+        raise ArgumentError(f"{args.mm_model} needs the 'predictor' and 'diffusion' sections for training.")
+
+
+def build_pretrain_model(args):
+    """SoRAModel: the DiT under flow matching, with the frozen encoders when the data are raw videos."""
+    from ..models.diffusion import FlowMatchScheduler
+    from ..models.sora_model import SoRAModel
+
+    check_training_sections(args)
+    model_cfg = args.mm.model
+    vae, encoder = build_encoders(args)
+    return SoRAModel(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae,
+                     text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions)

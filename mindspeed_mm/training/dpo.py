@@ -1,0 +1,149 @@
+"""The DPO task: the actor, its frozen reference, and where the reference comes from.
+
+The reference must be the weights the DPO run started from, for the whole run. Which path that is:
+
+1. `dpo.reference_path` in the model JSON, when set;
+2. on a resumed run (--load names an iteration, no --finetune): the path recorded in that checkpoint's
+   `dpo_reference.json`. Resuming from `--load <save dir>` must never make the actor at step N its own reference
+   (the loss would be log 2 forever and nothing would be learnt);
+3. on a fresh run: the weights the actor starts from, `--load`, else `predictor.from_pretrained`.
+
+Every save records the reference's path, its tracker iteration and a fingerprint of its weights (per TP rank: the
+float64 sum and sum of squares of its tensors); a resumed run compares the reference it loaded with the record and
+stops with an error naming both when they differ.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..arguments import ArgumentError
+from ..checkpoint.megatron_layout import RELEASE, CheckpointError, is_megatron_checkpoint, read_tracker
+from .builders import build_encoders, build_predictor, check_training_sections, load_dit, print_rank0
+from .checkpointing import read_record
+
+RECORD_NAME = "dpo_reference"
+_FINGERPRINT_RTOL = 1e-6  # float64 sums of the same weights agree to ~1e-12; a changed weight moves them more
+
+
+def _resuming(args) -> bool:
+    if not args.load or args.finetune or not is_megatron_checkpoint(args.load):
+        return False
+    return read_tracker(args.load) != RELEASE
+
+
+def _tracker_iteration(path: str):
+    return read_tracker(path) if is_megatron_checkpoint(path) else None
+
+
+def resolve_reference_path(args) -> tuple:
+    """(reference path, the record of the resumed checkpoint or None, how the path was chosen)."""
+    dpo = args.mm.model.dpo
+    recorded = read_record(args.load, RECORD_NAME) if _resuming(args) else None
+    if dpo.reference_path:
+        return dpo.reference_path, recorded, f"dpo.reference_path in {args.mm_model}"
+    if recorded is not None:
+        if not os.path.exists(recorded["path"]):
+            raise CheckpointError(
+                f"the DPO reference recorded in {args.load} ({RECORD_NAME}.json), {recorded['path']}, does not "
+                f"exist any more. Set dpo.reference_path in {args.mm_model} to where that checkpoint is now.")
+        return recorded["path"], recorded, f"recorded in the checkpoint {args.load}"
+    if _resuming(args):
+        raise CheckpointError(
+            f"--load {args.load} is iteration {read_tracker(args.load)} of a run that recorded no DPO reference "
+            f"(a pretraining run, or a DPO run saved by an older version). Resuming it would make the actor its own "
+            f"reference. To start DPO from these weights, add --finetune (they become the reference); to resume an "
+            f"older DPO run, set dpo.reference_path in {args.mm_model} to the checkpoint that run started from.")
+    source = args.load or args.mm.model.predictor.from_pretrained
+    if not source:
+        raise ArgumentError(f"DPO needs a reference DiT: set --load (LOAD_PATH) or predictor.from_pretrained in "
+                            f"{args.mm_model}, or dpo.reference_path.")
+    return source, None, "the weights this run starts from"
+
+
+def fingerprint(module: torch.nn.Module) -> List[float]:
+    """[sum, sum of squares] of this rank's tensors, in float64."""
+    total = squares = 0.0
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                t = tensor.detach().double()
+                total += t.sum().item()
+                squares += t.square().sum().item()
+    return [total, squares]
+
+
+def _gather_over_tp(value) -> list:
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def _same(a: List[List[float]], b: List[List[float]]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-9)
+                                    for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+def check_reference(record: Optional[dict], current: dict, load: str) -> None:
+    """Raise when the reference loaded now is not the one the resumed run was trained against."""
+    if record is None:
+        return
+    if record.get("tp_size") != current["tp_size"]:
+        return  # legacy checkpoints only resume at their own TP size; a converted reference is checked by path
+    if not _same(record.get("fingerprint", []), current["fingerprint"]):
+        raise CheckpointError(
+            f"the DPO reference loaded from {current['path']} (iteration {current['iteration']}) has other weights "
+            f"than the reference the run in {load} was trained against ({record.get('path')}, iteration "
+            f"{record.get('iteration')}; see {RECORD_NAME}.json there). Point dpo.reference_path at that "
+            f"checkpoint, or start a new DPO run with --finetune.")
+
+
+def build_reference(args):
+    """(the frozen reference DiT, the record to save with every checkpoint)."""
+    path, recorded, why = resolve_reference_path(args)
+    iteration = _tracker_iteration(path)
+    print_rank0(f"DPO reference: {path}" + (f" (iteration {iteration})" if iteration is not None else "")
+                + f", {why}")
+    reference = load_dit(args, path, recompute=False)
+    from megatron.core import parallel_state as ps
+
+    record = {"path": os.path.abspath(path), "iteration": iteration,
+              "tp_size": ps.get_tensor_model_parallel_world_size(),
+              "fingerprint": _gather_over_tp(fingerprint(reference))}
+    check_reference(recorded, record, args.load)
+    return reference, record
+
+
+def build_dpo_model(args):
+    """SoRADPOModel: the actor (from --load or predictor.from_pretrained) and its frozen reference."""
+    from ..models.diffusion import FlowMatchScheduler
+    from ..models.sora_dpo_model import SoRADPOModel
+
+    check_training_sections(args)
+    model_cfg = args.mm.model
+    dpo = model_cfg.dpo
+    if dpo is None:
+        raise ArgumentError(f"{args.mm_model} has no 'dpo' section (histogram_path, weight_alpha, weight_beta, "
+                            f"loss_beta); DPO training needs it.")
+    histogram = None
+    if dpo.weight_alpha:
+        from ..dpo.histogram import load_histogram
+
+        histogram = load_histogram(dpo.histogram_path)
+    reference, record = build_reference(args)
+    vae, encoder = build_encoders(args)
+    model = SoRADPOModel(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), reference,
+                         vae=vae, text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
+                         loss_beta=dpo.loss_beta, beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
+                         pref_ftx=args.pref_ftx, histogram=histogram, weight_alpha=dpo.weight_alpha,
+                         weight_beta=dpo.weight_beta)
+    model.checkpoint_records[RECORD_NAME] = record
+    return model
