@@ -4,20 +4,27 @@
 `--mm-data/--mm-model/--mm-tool` into typed configs (`args.mm.data/model/tool`), and runs
 `validate_args` before any model is built. Errors name the flag or the file and key, and
 say what to do. An unknown flag is an error with the closest valid flag suggested.
+
+The guide-era launchers' Megatron GPT flags (`config/aliases.py`, `FLAGS`) are accepted: `--num-layers`,
+`--hidden-size` and `--num-attention-heads` must agree with the model JSON's predictor section; the others have no
+effect and are named in one notice. Notices (these, and the config files' guide-era keys) are printed once per job.
+`--seed` and `--micro-batch-size`, when not given, take the inference JSON's `pipeline_config.seed` and
+`micro_batch_size`; given, they win.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+from .config.aliases import FLAGS, add_notice, collect_notices, flag_dest, flag_given, suggest
 from .config.base import ConfigError, load_config
 from .config.data import MMDataConfig
 from .config.model import MMModelConfig
 from .config.tool import MMToolConfig
+from .data.manifest import ManifestError, is_data_list, read_data_list
 from .runtime.initialize import ParallelConfigError, validate_parallel_layout
 from .errors import MindSpeedMMError
 
@@ -53,7 +60,8 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batch and schedule")
-    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="default: the inference JSON's micro_batch_size, else 1")
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
@@ -73,7 +81,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=None,
+                   help="default: the inference JSON's pipeline_config.seed, else 1234")
     g.add_argument("--num-workers", type=int, default=2)
 
     g = p.add_argument_group("precision and memory")
@@ -109,10 +118,8 @@ def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
                    help="load only the model weights from --load and start at iteration 0")
     g.add_argument("--ckpt-format", default="torch", choices=["torch"])
 
-    g = p.add_argument_group("logging and evaluation")
+    g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=0)
     g.add_argument("--tensorboard-dir", default=None)
 
     g = p.add_argument_group("multimodal configs")
@@ -121,12 +128,23 @@ def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mm-tool", default=None, help="tools JSON (profiling, feature extraction)")
 
 
+def _add_era_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guide-era flags", "accepted from the user guide's launchers (docs/config.md)")
+    for flag in FLAGS:
+        if flag.type is None:
+            g.add_argument(flag.flag, action="store_true", help=f"no effect: {flag.why}")
+        else:
+            what = f"must agree with predictor.{flag.checks}" if flag.checks else f"no effect: {flag.why}"
+            g.add_argument(flag.flag, type=flag.type, default=None, help=what)
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
                                      description="mindspeed_mm (StepVideo on Megatron-core)")
     _add_parallel(parser)
     _add_training(parser)
     _add_checkpoint_and_logging(parser)
+    _add_era_flags(parser)
     return parser
 
 
@@ -143,8 +161,8 @@ def _reject_unknown(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> 
     known = _known_flags(parser)
     lines = []
     for flag in flags:
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
-        lines.append(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "."))
+        close = suggest(flag, known)
+        lines.append(f"unknown flag {flag}" + (f"; did you mean {close}?" if close else "."))
     raise ArgumentError(" ".join(lines) + " Run with --help for the list of flags.")
 
 
@@ -165,8 +183,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, entry: str = "generic",
     args, unknown = parser.parse_known_args(argv)
     _reject_unknown(parser, unknown)
     args.entry = entry
-    args.mm = load_mm_configs(args)
-    validate_args(args, world_size=world_size)
+    with collect_notices():  # printed once, after the checks pass
+        args.mm = load_mm_configs(args)
+        validate_args(args, world_size=world_size)
     return args
 
 
@@ -215,14 +234,30 @@ def _check_config_paths(args: argparse.Namespace) -> None:
                     "Point it at your data.jsonl (see docs/data.md).")
         _check_path(basic.data_folder, f"{src}: dataset_param.basic_parameters.data_folder",
                     "Point it at the folder the 'file' entries of data.jsonl are relative to.")
+        if is_data_list(basic.data_path):
+            _check_data_list(basic.data_path, basic.data_folder, f"{src}: dataset_param.basic_parameters")
         if data.dataset_param.dataset_type != "feature":
             for i, tok in enumerate(data.dataset_param.tokenizer_config or []):
                 _check_path(tok.from_pretrained, f"{src}: dataset_param.tokenizer_config[{i}].from_pretrained",
                             "Download the weights (see docs/weights.md) or correct the path.")
 
 
+def _check_data_list(path: str, data_folder: str, where: str) -> None:
+    """A data.txt: well formed, without data_folder, and every folder and data.jsonl it names exists."""
+    try:
+        entries = read_data_list(path, data_folder)
+    except ManifestError as exc:
+        raise ConfigError(f"{where}.data_path: {exc}") from None
+    for entry in entries:
+        for what, name in (("folder", entry.folder), ("data.jsonl", entry.manifest)):
+            _check_path(name, f"{where}.data_path: {path} line {entry.line}: the {what}",
+                        "Correct the line: '<folder>,<folder>/data.jsonl' (feature extraction's save_path and its "
+                        "data.jsonl).")
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """Cheap checks that must pass before any model is built."""
+    _resolve_run_settings(args)
     tp, cp, pp = args.tensor_model_parallel_size, args.context_parallel_size, args.pipeline_model_parallel_size
     world = _world_size(world_size)
     try:
@@ -269,9 +304,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} = {tp * cp}; choose TP and CP "
                 f"whose product divides {heads}."
             )
+    _check_era_flags(args)
     if args.entry in ("pretrain", "dpo"):
         if args.mm.model is None or args.mm.data is None:
             raise ArgumentError(f"{args.entry} needs --mm-model and --mm-data.")
+        _check_feature_agreement(args)
         if args.train_iters is None or args.train_iters < 1:
             raise ArgumentError("--train-iters must be given and at least 1 for training.")
         if args.lr is None:
@@ -286,6 +323,70 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             f"(it holds latest_checkpointed_iteration.txt), {alternative}."
         )
     _check_config_paths(args)
+
+
+_NOT_INFERENCE = ("pretrain", "dpo", "feature_extract")
+
+
+def _resolve_run_settings(args: argparse.Namespace) -> None:
+    """--seed and --micro-batch-size: the flag when given, else the inference JSON's key, else the default."""
+    model = args.mm.model
+    pipeline = model.pipeline_config if model else None
+    for flag, dest, key, value, default in (
+            ("--seed", "seed", "pipeline_config.seed", pipeline.seed if pipeline else None, 1234),
+            ("--micro-batch-size", "micro_batch_size", "micro_batch_size", model.micro_batch_size if model else None,
+             1)):
+        given = getattr(args, dest)
+        if value is not None and args.entry in _NOT_INFERENCE:
+            add_notice(f"{args.mm_model}: {key} {value} has no effect for {args.entry} (an inference setting; "
+                       f"{flag} sets it here)")
+            value = None
+        if given is None:
+            setattr(args, dest, default if value is None else value)
+        elif value is not None and value != given:
+            add_notice(f"{flag} {given} overrides {key} {value} of {args.mm_model} (the command line wins)")
+
+
+def _check_era_flags(args: argparse.Namespace) -> None:
+    """The guide's Megatron GPT flags: the model's three must agree with the predictor; the rest have no effect."""
+    model = args.mm.model
+    predictor = model.predictor if model is not None else None
+    clashes, idle = [], {}
+    for flag in FLAGS:
+        if not flag_given(args, flag):
+            continue
+        value = getattr(args, flag_dest(flag.flag))
+        if flag.checks and predictor is not None:
+            want = getattr(predictor, flag.checks)
+            if value != want:
+                what = ("num_heads x head_dim = " f"{predictor.num_heads} x {predictor.head_dim} = {want}"
+                        if flag.checks == "hidden_size" else f"{flag.checks} {want}")
+                clashes.append(f"{flag.flag} {value} contradicts predictor.{what}")
+            continue
+        idle.setdefault(flag.why, []).append(flag.flag)
+    if clashes:
+        raise ArgumentError(
+            f"{'; '.join(clashes)} in {args.mm_model}. The DiT is built from the model JSON, so these flags must agree "
+            f"with it: set them to the JSON's values, or drop them from the launcher (the guide-era launchers pass "
+            f"them).")
+    if idle:
+        add_notice("flags with no effect here: " + "; ".join(f"{', '.join(flags)} ({why})"
+                                                             for why, flags in idle.items()))
+
+
+def _check_feature_agreement(args: argparse.Namespace) -> None:
+    """Training on features needs load_*_features true in the model JSON; on raw videos, false."""
+    model, data = args.mm.model, args.mm.data
+    features = data.dataset_param.dataset_type == "feature"
+    wrong = [k for k in ("load_video_features", "load_text_features") if getattr(model, k) != features]
+    if wrong:
+        reads = ("pre-extracted features (dataset_type \"feature\")" if features
+                 else f"raw videos (dataset_type \"{data.dataset_param.dataset_type}\")")
+        says = ", ".join(f"{k} {str(getattr(model, k)).lower()}" for k in wrong)
+        raise ArgumentError(
+            f"{args.mm_data} reads {reads} but {args.mm_model} says {says}. Set load_video_features and "
+            f"load_text_features {str(features).lower()} in the model JSON, or point --mm-data at "
+            f"{'raw videos' if features else 'extracted features'}.")
 
 
 def _validate_recompute(args: argparse.Namespace) -> None:

@@ -18,6 +18,12 @@ def _launch_rank() -> int:
         return 0
 
 
+def notice(message: str) -> None:
+    """Print `notice: <message>` (one line, to stderr) on the launch rank 0 only, so a job prints it once."""
+    if _launch_rank() == 0:
+        print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
 def configure_logging(rank: Optional[int] = None) -> None:
     """INFO and above from the project's loggers on rank 0, warnings and errors on the other ranks.
 

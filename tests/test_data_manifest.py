@@ -48,8 +48,9 @@ def test_rows_are_joined_and_bad_rows_are_counted(folder, caplog):
                                "empty captions": [6, 7], "missing file": [8], "bad 'captions'": [10],
                                "not a JSON object": [11]}
     expected = ("kept 3 of 11 rows in data.jsonl: 1 bad JSON (line 3), 1 missing 'file' (line 4), "
-                "1 missing 'captions' (line 5), 2 empty captions (lines 6, 7), 1 missing file (line 8), "
-                "1 bad 'captions' (line 10), 1 not a JSON object (line 11)")
+                "1 missing 'captions' (line 5), 2 empty captions (lines 6, 7), 1 missing file "
+                f"(line 8: {folder / 'videos' / 'gone.mp4'}), 1 bad 'captions' (line 10), "
+                "1 not a JSON object (line 11)")
     assert m.summary() == expected
     assert expected in caplog.text
 
@@ -88,7 +89,7 @@ def test_whole_file_errors_name_the_file(folder):
                       str(folder / "no_such_folder"))
     bad = write_lines(folder / "bad.jsonl", ["{", {"file": "videos/gone.mp4", "captions": "x"}])
     with pytest.raises(ManifestError, match=r"bad.jsonl: no usable rows \(kept 0 of 2 rows in bad.jsonl: 1 bad JSON "
-                                            r"\(line 1\), 1 missing file \(line 2\)\)"):
+                                            r"\(line 1\), 1 missing file \(line 2: .*videos/gone.mp4\)\)"):
         read_manifest(bad, str(folder))
     (folder / "list.json").write_text('{"file": "a"}')
     with pytest.raises(ManifestError, match="list.json: a .json manifest must hold a list"):

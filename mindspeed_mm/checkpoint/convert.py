@@ -1,7 +1,9 @@
 """StepVideo DiT checkpoint conversion: official <-> Megatron layout, TP/PP split, merge, export.
 
     split   official diffusers folder (transformer/)  -> Megatron layout at TP x PP
-    merge   Megatron layout (release or iter_*, any TP x PP, e.g. from training) -> Megatron layout at TP x PP
+    merge   Megatron layout (release or iter_*, any TP x PP, e.g. from training) -> Megatron layout at TP x PP:
+            MindSpeed-MM's "merge" joins all the shards and re-splits them for the target TP (which may be larger
+            than the source's); the log says "merged N shards into TP=k"
     export  Megatron layout -> official diffusers folder (sharded safetensors + index + config.json)
 
 Key names and the [Q;K;V] / [K;V] layout inside Megatron checkpoints are MindSpeed-MM's, through the
@@ -77,8 +79,13 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _natural(text: str) -> list:
+    """Sort key that orders the numbers inside names by value: block 9 before block 10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part]
+
+
 def _listing(items, limit: int = 12) -> str:
-    items = sorted(items)
+    items = sorted((str(i) for i in items), key=_natural)
     return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
@@ -112,14 +119,14 @@ def _check_blocks(keys: Sequence[str], num_layers: int, source: str, flag_value:
     if missing_blocks:
         raise ConversionError(
             f"{source}: keys missing for --num_layers {flag_value}: no transformer_blocks "
-            f"{_listing(map(str, missing_blocks))} (the checkpoint has {len(blocks)} blocks). Set --num_layers "
+            f"{_listing(missing_blocks)} (the checkpoint has {len(blocks)} blocks). Set --num_layers "
             f"{have} to convert what is there, or point --source_path at the complete checkpoint."
         )
     extra = sorted(b for b in blocks if b >= num_layers)
     if extra:
         raise ConversionError(
             f"{source}: unexpected keys for --num_layers {flag_value}: transformer_blocks "
-            f"{_listing(map(str, extra))} exist beyond layer {num_layers - 1}. Set --num_layers {have}; "
+            f"{_listing(extra)} exist beyond layer {num_layers - 1}. Set --num_layers {have}; "
             f"blocks are never dropped silently."
         )
 
@@ -404,7 +411,11 @@ def _check_full(full: Dict[str, torch.Tensor], num_layers: Optional[int], source
 
 def merge(source_path, target_path, tp_size: int, pp_layers: Sequence[int], num_layers: int,
           num_heads: Optional[int] = None, overwrite: bool = False, log=_print) -> Path:
-    """Megatron layout (any TP x PP, release or iter_*) -> Megatron layout (`release`) at TP x PP."""
+    """Megatron layout (any TP x PP, release or iter_*) -> Megatron layout (`release`) at TP x PP.
+
+    As in MindSpeed-MM, "merge" means: join every shard into the full model, then split it again for the target
+    `tp_size` and `pp_layers`, so TP 1 gives one file and TP 2 two.
+    """
     source, target = Path(source_path), Path(target_path)
     AtomicDir(target, overwrite, source)  # refuse a bad target before reading anything
     full, info = read_megatron_full(source, log)
@@ -418,8 +429,10 @@ def merge(source_path, target_path, tp_size: int, pp_layers: Sequence[int], num_
         for key in list(full):
             _distribute(key, full.pop(key), layout, ranks)
         _save_ranks(out, ranks, layout.pp, log)
-    log(f"merged TP {info['tp']} x PP {info['pp']} ({info['iteration']}) -> TP {layout.tp} x PP {layout.pp} "
-        f"at {target}")
+    shards = info["tp"] * info["pp"]
+    stages = f", PP={layout.pp}" if layout.pp > 1 else ""
+    log(f"merged {shards} shard{'s' if shards > 1 else ''} (TP {info['tp']} x PP {info['pp']}, {info['iteration']}) "
+        f"into TP={layout.tp}{stages} (re-split for the target --tp_size) at {target}")
     return target
 
 

@@ -9,12 +9,14 @@ at start-up, not a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import types
-from typing import Any, Dict, Literal, Type, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Literal, Optional, Type, TypeVar, Union, get_args, get_origin, get_type_hints
+
 from ..errors import MindSpeedMMError
+from . import aliases
+from .aliases import suggest
 
 T = TypeVar("T")
 
@@ -25,9 +27,15 @@ class ConfigError(MindSpeedMMError, ValueError):
     same_on_all_ranks = True  # checks of flags and config files, identical on every rank
 
 
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+def _suggest(word: str, options, era: Optional[Dict[str, str]] = None) -> str:
+    """' Did you mean ...?' for a misspelling of a valid name or of a guide-era name (`era`: era key -> today's)."""
+    era = era or {}
+    close = suggest(word, [o for o in list(options) + list(era) if o != word])
+    if close is None:
+        return ""
+    if close in era and era[close] and era[close] != close:
+        return f" Did you mean '{close}' (the guide-era name of '{era[close]}')?"
+    return f" Did you mean '{close}'?"
 
 
 def _fail(source: str, key: str, message: str) -> ConfigError:
@@ -117,18 +125,23 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
 
 
 def from_dict(cls: Type[T], data: Any, *, source: str = "<config>", prefix: str = "") -> T:
-    """Build dataclass `cls` from a JSON object, strictly; see the module docstring."""
+    """Build dataclass `cls` from a JSON object, strictly; see the module docstring. The guide-era names of its keys
+    are mapped first (`aliases`); their notices are printed when the outermost call (or job) ends."""
+    with aliases.collect_notices():
+        return _from_dict(cls, data, source, prefix)
+
+
+def _from_dict(cls: Type[T], data: Any, source: str, prefix: str) -> T:
     if not isinstance(data, dict):
         raise _fail(source, prefix, f"expected an object, got {json.dumps(data)[:80]}.")
+    data = aliases.apply(cls.__name__, data, source, prefix)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
             path = f"{prefix}.{key}" if prefix else key
-            raise _fail(
-                source, path,
-                f"unknown key.{_suggest(key, fields)} Valid keys here: {', '.join(sorted(fields))}.",
-            )
+            hint = _suggest(key, fields, aliases.era_names(cls.__name__))
+            raise _fail(source, path, f"unknown key.{hint} Valid keys here: {', '.join(sorted(fields))}.")
     kwargs: Dict[str, Any] = {}
     for name, field in fields.items():
         path = f"{prefix}.{name}" if prefix else name

@@ -176,10 +176,14 @@ class PipelineConfig:
     # extension: the magic prompt strings; null keeps the released t2v/i2v defaults.
     positive_magic: Optional[str] = None
     negative_magic: Optional[str] = None
+    # The guide's inference JSONs: video i starts from seed + i. An explicit --seed wins (arguments.py).
+    seed: Optional[int] = None
 
     def validate(self) -> None:
         if len(self.input_size) != 3:
             raise ValueError(f"input_size {self.input_size} must be [frames, height, width].")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed {self.seed} must be a non-negative integer (the guide uses 1234).")
 
 
 @dataclass
@@ -235,7 +239,11 @@ class MMModelConfig:
     pipeline_class: Literal["StepVideoPipeline"] = "StepVideoPipeline"
     device: Literal["npu", "cuda", "cpu", "auto"] = "auto"
     dtype: DtypeName = "bf16"
+    # The guide's inference JSONs: videos per inference batch. An explicit --micro-batch-size wins (arguments.py).
+    micro_batch_size: Optional[int] = None
 
     def validate(self) -> None:
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must be at least 1.")
         if self.patch is not None and self.patch.ae_float32 and self.ae is not None:
             self.ae.dtype = "fp32"

@@ -48,10 +48,17 @@ class MemoryProfileConfig:
 
 @dataclass
 class SoraFeatureConfig:
+    # Feature extraction always writes both and in one layout: these keys may only say so.
     extract_video_feature: bool = True
     extract_text_feature: bool = True
     save_path: str = "./sora_features"
-    data_storage_mode: str = "sorafeatured"
+    data_storage_mode: Literal["sorafeatured"] = "sorafeatured"
+
+    def validate(self) -> None:
+        for key in ("extract_video_feature", "extract_text_feature"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} false: feature extraction always writes the VAE latents and the text states "
+                                 f"into one .pt per video (the files pretraining and DPO read); set it true.")
 
 
 @dataclass

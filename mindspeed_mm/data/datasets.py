@@ -98,7 +98,7 @@ class _SubstitutingDataset(Dataset):
                 self.read_failures[exc.reason] += 1
                 skipped.append([self.rows[i].line, exc.reason])
                 logger.warning("skipping row %d (line %d of %s): %s; using the next readable row instead.",
-                               i, self.rows[i].line, self.manifest.source, exc)
+                               i, self.rows[i].line, self.rows[i].source or self.manifest.source, exc)
                 continue
             sample[SKIPPED_KEY] = skipped
             return sample

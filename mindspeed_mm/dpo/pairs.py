@@ -201,17 +201,19 @@ class PreferenceData:
 
 def build_preference_data(prompt_file, videos_path, num_videos_per_prompt: int, scorer,
                           bin_width: float = DEFAULT_BIN_WIDTH, output_dir=None, progress: bool = False,
-                          log: Callable[[str], None] = print) -> PreferenceData:
+                          log: Callable[[str], None] = print, prompts: Optional[Sequence[str]] = None
+                          ) -> PreferenceData:
     """Score the videos, write `data.jsonl`, `video_score_histogram.json` and `video_scores.json`; see the module doc.
 
-    `scorer` is an `OfflineScorer` or `VBenchScorer` (anything with `name`, `weights` and `score_videos`).
+    `scorer` is an `OfflineScorer` or `VBenchScorer` (anything with `name`, `weights` and `score_videos`). `prompts`:
+    the prompts themselves instead of `prompt_file` (the guide-era `--prompt`: one prompt for every video).
     """
     if isinstance(num_videos_per_prompt, bool) or not isinstance(num_videos_per_prompt, int) \
             or num_videos_per_prompt < 2:
         raise PreferenceDataError(f"--num_inference_videos_per_sample must be an integer >= 2 (a pair needs two "
                                   f"videos of one prompt), got {num_videos_per_prompt!r}.")
     n = num_videos_per_prompt
-    prompts = read_prompt_file(prompt_file)
+    prompts = list(prompts) if prompts is not None else read_prompt_file(prompt_file)
     videos_path = os.fspath(videos_path)
     present, missing, ignored = find_videos(videos_path, len(prompts), n)
     out_dir = Path(output_dir) if output_dir is not None else Path(videos_path).resolve().parent

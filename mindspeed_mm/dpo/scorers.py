@@ -289,12 +289,15 @@ class VBenchScorer:
     metrics = VBENCH_DIMENSIONS
 
     def __init__(self, weights: Optional[Mapping[str, float]] = None, device: Optional[str] = None,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, full_info_dir: str = "",
+                 imaging_quality_preprocessing_mode: str = "longer"):
         usable, reason = vbench_status(cache_dir)
         if not usable:
             raise ScoringError(f"--scorer vbench: VBench is not usable here ({reason}). To use it, {VBENCH_HOWTO}.")
         self.weights = check_weights(DEFAULT_VBENCH_WEIGHTS if weights is None else weights, self.metrics)
         self.device = device or _default_device()
+        self.full_info_dir = full_info_dir or ""  # VBench's full_info json; custom_input mode does not read it
+        self.imaging_quality_preprocessing_mode = imaging_quality_preprocessing_mode
 
     def score_videos(self, paths: Sequence[str], work_dir: Optional[str] = None,
                      progress: bool = False) -> Tuple[Dict[str, Dict[str, float]], Dict[str, str]]:
@@ -316,10 +319,10 @@ class VBenchScorer:
             except OSError:
                 shutil.copyfile(path, staged / name)
             path_of[name] = path
-        bench = VBench(torch.device(self.device), "", str(work))
+        bench = VBench(torch.device(self.device), self.full_info_dir, str(work))
         bench.evaluate(videos_path=str(staged), name=VBENCH_RUN_NAME, prompt_list=[],
                        dimension_list=list(self.metrics), local=True, read_frame=False, mode="custom_input",
-                       imaging_quality_preprocessing_mode="longer")
+                       imaging_quality_preprocessing_mode=self.imaging_quality_preprocessing_mode)
         result_file = work / f"{VBENCH_RUN_NAME}_eval_results.json"
         if not result_file.is_file():
             raise ScoringError(f"VBench wrote no results file {result_file}.")
@@ -330,7 +333,7 @@ class VBenchScorer:
 
 
 def build_scorer(kind: str = "auto", weights: Optional[Mapping[str, float]] = None,
-                 reader_type: str = "DecordVideo", device: Optional[str] = None):
+                 reader_type: str = "DecordVideo", device: Optional[str] = None, **vbench_options):
     """(scorer, why): `auto` picks VBench when usable, else the offline scorer; `vbench` fails when it is not usable."""
     if kind not in SCORER_CHOICES:
         raise ScoringError(f"scorer {kind!r} is not one of {', '.join(SCORER_CHOICES)}.")
@@ -338,5 +341,6 @@ def build_scorer(kind: str = "auto", weights: Optional[Mapping[str, float]] = No
         return OfflineScorer(weights, reader_type=reader_type), "asked for with --scorer offline"
     usable, reason = vbench_status()
     if kind == "vbench" or usable:
-        return VBenchScorer(weights, device=device), reason if kind == "auto" else "asked for with --scorer vbench"
+        return (VBenchScorer(weights, device=device, **vbench_options),
+                reason if kind == "auto" else "asked for with --scorer vbench")
     return OfflineScorer(weights, reader_type=reader_type), f"VBench is not usable: {reason}"

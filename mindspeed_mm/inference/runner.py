@@ -14,6 +14,11 @@ Work plan (one list, the same on every rank):
 The TP 0 / CP 0 rank of each DP group writes its videos; after a barrier, global rank 0 re-reads all of them
 and writes `video_grid.mp4`. On a multi-node run without a shared `save_path`, the files of other nodes are
 not visible there: the grid is then skipped with a warning naming them.
+
+With `save_latents` (by default on when the environment has `MINDSPEED_MM_SAVE_LATENTS=1`, so a launcher can ask
+for it: `MINDSPEED_MM_SAVE_LATENTS=1 bash examples/stepvideo/t2v/inference_t2v.sh`), the same rank also
+writes each video's final float32 latents `(f, c, h, w)`, before the VAE, as `latents_{i}.pt`: for comparing runs
+without the rounding of uint8 frames and H.264 (the multi-node test uses it through the launcher).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ logger = logging.getLogger("mindspeed_mm.inference")
 
 MAX_PROMPTS = 100
 TEXT_ENCODER_BATCH = 8
+LATENTS_NAME = "latents_{}.pt"  # with save_latents: video i's final latents
+SAVE_LATENTS_ENV = "MINDSPEED_MM_SAVE_LATENTS"  # "1": run_inference saves the latents by default
 
 
 class InferenceInputError(MindSpeedMMError, ValueError):
@@ -202,14 +209,18 @@ def _batches(items: Sequence[int], size: int):
         yield list(items[start:start + size])
 
 
-def run_inference(args, keep_videos: bool = False) -> InferenceResult:
+def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] = None) -> InferenceResult:
     """Run the job on this rank (see the module docstring). Call it on every rank of the job, after
-    `initialize_runtime`. `keep_videos` also returns this rank's videos and their final latents."""
+    `initialize_runtime`. `keep_videos` also returns this rank's videos and their final latents; `save_latents`
+    (None: from the environment, see the module docstring) also writes them as `save_path/latents_{i}.pt`, by the
+    rank that writes video i."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from ..runtime import current_device
 
+    if save_latents is None:
+        save_latents = os.environ.get(SAVE_LATENTS_ENV, "0") not in ("", "0")
     plan = build_plan(args)
     dit_source(args)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -237,6 +248,11 @@ def run_inference(args, keep_videos: bool = False) -> InferenceResult:
         videos = pipe.decode(latents)
         if saver:
             result.saved += save_videos(videos, batch, plan.save_path, plan.fps)
+            if save_latents:
+                for i, z in zip(batch, latents):
+                    path = os.path.join(plan.save_path, LATENTS_NAME.format(i))
+                    torch.save(z.detach().to("cpu", torch.float32).clone(), path)
+                    result.saved.append(path)
         if keep_videos:
             result.videos.update({i: v for i, v in zip(batch, videos)})
             result.latents.update({i: z.cpu() for i, z in zip(batch, latents)})

@@ -27,6 +27,8 @@ import json
 import os
 import random
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -125,6 +127,12 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer, scheduler, consu
         for name, record in (records or {}).items():
             (tmp / f"{name}.json").write_text(json.dumps(record, indent=2))
     dist.barrier()
+    try:
+        check_shared_folder(save_dir, probe=tmp)
+    except CheckpointError:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     rank_dir = tmp / rank_dir_name(ps.get_tensor_model_parallel_rank())
     writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
     if writer:
@@ -155,6 +163,52 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer, scheduler, consu
         log(f"saved checkpoint of iteration {iteration} to {final}")
     dist.barrier()
     return final
+
+
+def _visible(path: Path, wait_s: float) -> bool:
+    """Whether `path` exists here, waiting up to `wait_s` for a shared file system (NFS caches directory lookups)."""
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def check_shared_folder(folder, probe: Optional[Path] = None, wait_s: Optional[float] = None) -> None:
+    """Raise on every rank unless all ranks see `probe` (default: a file rank 0 writes in `folder` now), waiting up
+    to `wait_s` (default: $MINDSPEED_MM_SHARED_FS_WAIT_S, else 30 s) for the file system to show it.
+
+    Collective. The writers of all TP ranks put their files in the same hidden folder and rank 0 renames it: on a
+    --save folder the nodes do not share, another node's shard would go to a hidden folder of that node (mkdir
+    creates it there) and never be renamed, while rank 0's tracker named an iteration without it.
+    """
+    folder = Path(folder)
+    if wait_s is None:
+        wait_s = float(os.environ.get("MINDSPEED_MM_SHARED_FS_WAIT_S", "30"))
+    own_probe = probe is None
+    if own_probe:
+        token = [os.urandom(8).hex() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        probe = folder / f".shared-check-{token[0]}"
+        if dist.get_rank() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+        dist.barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (_visible(probe, wait_s), socket.gethostname(), str(folder.resolve())))
+    if own_probe and dist.get_rank() == 0:
+        probe.unlink()
+    blind = [(rank, host, path) for rank, (visible, host, path) in enumerate(seen) if not visible]
+    if not blind:
+        return
+    shown = "; ".join(f"rank {rank} on {host} looked in {path}" for rank, host, path in blind[:4])
+    more = f"; and {len(blind) - 4} more rank(s)" if len(blind) > 4 else ""
+    raise CheckpointError(
+        f"--save {folder} is not shared by all ranks: rank 0 on {seen[0][1]} wrote {probe.name} in {seen[0][2]}, "
+        f"but {len(blind)} rank(s) cannot see it after {wait_s:.0f} s ({shown}{more}). Every rank writes its part "
+        f"of a checkpoint there and rank 0 completes it, so --save (SAVE_PATH) must be one folder that every node "
+        f"mounts at the same path (see docs/multinode.md).")
 
 
 def read_record(load_dir, name: str) -> Optional[dict]:

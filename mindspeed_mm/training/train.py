@@ -1,7 +1,7 @@
 """The training loop shared by pretraining (t2v, i2v) and DPO: short and explicit.
 
     pretrain(argv)                                          # pretrain_sora.py
-    pretrain(argv, "dpo", build_model=build_dpo_model)      # posttrain_sora_dpo.py
+    pretrain(argv, "dpo", build_model=build_dpo_model)      # posttrain_dpo.py
 
 Steps: flags and configs (validated before anything heavy) -> runtime (TP, CP, DP) -> the task's module
 (`builders.py`: the DiT, loaded strictly from --load or predictor.from_pretrained, and what surrounds it)
@@ -32,6 +32,7 @@ from ..arguments import parse_args
 from .builders import build_pretrain_model, params_dtype
 from .builders import print_rank0 as _print
 from .checkpointing import (
+    check_shared_folder,
     is_complete_checkpoint,
     load_training_state,
     recover_interrupted_save,
@@ -177,6 +178,8 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
     if args.save and dist.get_rank() == 0:
         recover_interrupted_save(args.save, log=_print)  # before anything reads --load (often the same folder)
     dist.barrier()
+    if args.save and dist.get_world_size() > 1:
+        check_shared_folder(args.save)  # before hours of training, not at the first save
     model = (build_model or build_pretrain_model)(args)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=args.use_distributed_optimizer)

@@ -25,7 +25,7 @@ GPT_ARGS="
     --context-parallel-size ${CP} \
     --micro-batch-size ${MBS} \
     --global-batch-size ${GBS} \
-    --num-workers ${NUM_WORKERS:-8} \
+    --num-workers ${NUM_WORKERS:-$(default_num_workers 8)} \
 "
 
 MM_ARGS="

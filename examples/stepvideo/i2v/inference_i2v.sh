@@ -2,8 +2,8 @@
 # StepVideo image-to-video inference (推理).
 # Set LOAD_PATH to the converted DiT checkpoint (the folder holding latest_checkpointed_iteration.txt, written by
 # examples/stepvideo/convert_ckpt_to_mm.py with --tp_size equal to TP below), edit the weight paths, prompt file and
-# save_path in the model JSON, put one image path per prompt in the image list (samples_i2v_images.txt: replace the
-# placeholder path there with your own image), then run from the repository root:
+# save_path in the model JSON, put one image path per prompt in the image list (samples_i2v_images.txt lists the
+# shipped sample first_frame.png for the shipped prompt; replace both with your own), then run from the repository root:
 #     bash examples/stepvideo/i2v/inference_i2v.sh
 # Any variable below can be set in the environment instead, e.g. LOAD_PATH=./StepVideo-Converted NPUS_PER_NODE=8.
 # Outputs: save_path/video_{i}.mp4 (i = prompt_index * num_inference_videos_per_sample + k) and video_grid.mp4.

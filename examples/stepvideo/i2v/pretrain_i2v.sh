@@ -51,7 +51,7 @@ GPT_ARGS="
     --recompute-num-layers 48 \
     --use-distributed-optimizer \
     --allow-tf32 \
-    --num-workers ${NUM_WORKERS:-8} \
+    --num-workers ${NUM_WORKERS:-$(default_num_workers 8)} \
 "
 
 MM_ARGS="

@@ -71,7 +71,7 @@ OUTPUT_ARGS="
     --ckpt-format torch \
 "
 
-torchrun $DISTRIBUTED_ARGS posttrain_sora_dpo.py \
+torchrun $DISTRIBUTED_ARGS posttrain_dpo.py \
     $GPT_ARGS \
     $MM_ARGS \
     $OUTPUT_ARGS \

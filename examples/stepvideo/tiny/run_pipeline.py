@@ -1,6 +1,6 @@
 """The whole StepVideo workflow of the user guide, end to end, on tiny random weights (runs on a CPU in ~1 min).
 
-    python examples/stepvideo/tiny/run_pipeline.py --workdir tiny_run
+    python examples/stepvideo/tiny/run_pipeline.py --workdir outputs/tiny_run
 
 Every stage runs the real command a user runs, in its own process, on files in the official layouts:
 
@@ -11,7 +11,7 @@ Every stage runs the real command a user runs, in its own process, on files in t
  5. pretrain     pretrain_sora.py on the features, from the converted checkpoint   (预训练)
  6. inference    inference_sora.py with the trained checkpoint, 2 videos per prompt (推理, DPO sampling)
  7. preference   histgram_generator.py: scores, histogram and pairs               (生成偏好数据集)
- 8. dpo          posttrain_sora_dpo.py on the pairs                                (DPO训练)
+ 8. dpo          posttrain_dpo.py on the pairs                                     (DPO训练)
  9. export       convert_ckpt_to_mm.py --mode export: the DPO-trained DiT back in the official format
 
 The random weights make the videos noise; the point is that every stage runs and hands the next one its files.
@@ -66,7 +66,8 @@ def _training_flags(iters: int) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="tiny_run")
+    parser.add_argument("--workdir", default="outputs/tiny_run",
+                        help="where everything is written (default: outputs/tiny_run, which git ignores)")
     parser.add_argument("--keep", action="store_true", help="keep an existing workdir instead of starting fresh")
     args = parser.parse_args(argv)
 
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                  "predictor": predictor, "diffusion": diffusion, "text_encoder": sections["text_encoder"],
                  "ae": sections["ae"]}
     dpo = work / "dpo"
-    _run("dpo", ["posttrain_sora_dpo.py", *_training_flags(2), "--load", trained, "--finetune", "--save", dpo,
+    _run("dpo", ["posttrain_dpo.py", *_training_flags(2), "--load", trained, "--finetune", "--save", dpo,
                  "--mm-data", _json(configs / "data_dpo.json", dpo_data),
                  "--mm-model", _json(configs / "posttrain_t2v_model.json", dpo_model)], logs)
 
