@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.4",
         "av>=11",
         "tqdm",
+        "psutil",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5"],

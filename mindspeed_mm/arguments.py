@@ -116,7 +116,11 @@ def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-save-rng", action="store_true")
     g.add_argument("--finetune", action="store_true",
                    help="load only the model weights from --load and start at iteration 0")
-    g.add_argument("--ckpt-format", default="torch", choices=["torch"])
+    g.add_argument("--async-save", action="store_true",
+                   help="torch_dist only: write checkpoints in background processes while training continues")
+    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
+                   help="torch: the legacy layout (one file per TP rank); torch_dist: Megatron-core distributed "
+                        "checkpoints, written by every rank, resumable at another TP/DP size")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=100)
@@ -277,6 +281,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         )
     if args.sequence_parallel:
         raise ArgumentError("--sequence-parallel is not supported for StepVideo; use --context-parallel-size instead.")
+    if args.async_save and args.ckpt_format != "torch_dist":
+        raise ArgumentError("--async-save writes distributed checkpoints in the background: add --ckpt-format "
+                            "torch_dist, or drop --async-save.")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive; StepVideo is trained in bf16: keep --bf16.")
     if args.micro_batch_size < 1:

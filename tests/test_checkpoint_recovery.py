@@ -32,16 +32,18 @@ def configs(tmp_path_factory):
     return root, paths_file
 
 
-def test_sigkill_at_every_step_of_a_save_is_recovered(configs):
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_sigkill_at_every_step_of_a_save_is_recovered(configs, ckpt_format):
     """The dangerous save: iteration 1 saved again over the complete iter_0000001 that the tracker names. Killed
     before each of its filesystem steps, the folder must still resume (from iteration 1) and take the next save
     with no leftovers. The old save left the tracker naming a missing folder after a kill between its two
     renames, and a stale .iter_N.old that broke every later save of that iteration."""
     root, paths_file = configs
-    work = root / "overwrite"
+    work = root / f"overwrite_{ckpt_format}"
     work.mkdir()
     proc = subprocess.run([sys.executable, "-m", "tests.helpers.save_kill_driver", str(work), "overwrite",
-                           str(paths_file)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
+                           str(paths_file), ckpt_format], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     killed = [r for r in results if r["killed"]]

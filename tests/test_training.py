@@ -196,3 +196,53 @@ def test_unreadable_rows_are_replaced_and_reported_once(tmp_path):
     assert report == ["data: 1 row skipped and replaced by the next readable row: 1 unreadable .pt (line 2)"], \
         proc.stdout[-2000:]
     assert "kept 8 of 8 rows in data.jsonl" in proc.stdout  # the manifest summary, now that logging is configured
+
+
+def test_torch_dist_checkpoints_resume_and_convert_like_the_legacy_format(trained, tmp_path):
+    """--ckpt-format torch_dist: the same run saved in both formats holds the same weights; the converter merges a
+    torch_dist training checkpoint into the release layout (--mode merge) and exports it (--mode export)."""
+    from mindspeed_mm.checkpoint.convert import read_megatron_full
+
+    root, paths, _ = trained
+    save = tmp_path / "dist"
+    proc = _run(train_argv(paths, save, iters=4, extra=["--use-distributed-optimizer", "--ckpt-format",
+                                                        "torch_dist"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (save / "iter_0000004" / "metadata.json").is_file() and not list(save.glob("iter_*/mp_rank_*"))
+    legacy = _model(root / "save", 4)["model"]
+    for key, value in read_megatron_full(save, log=lambda m: None)[0].items():
+        assert torch.equal(value, legacy[key]), key
+    env = dict(os.environ, PYTHONPATH=str(REPO), MINDSPEED_MM_DEVICE="cpu", OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    convert = [sys.executable, str(REPO / "examples/stepvideo/convert_ckpt_to_mm.py"), "--source_path", str(save),
+               "--num_layers", "2"]
+    proc = subprocess.run(convert + ["--target_path", str(tmp_path / "merged"), "--tp_size", "2", "--mode", "merge"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged, info = read_megatron_full(tmp_path / "merged", log=lambda m: None)
+    assert info["tp"] == 2 and all(torch.equal(merged[k], legacy[k]) for k in legacy)
+    proc = subprocess.run(convert + ["--target_path", str(tmp_path / "exported"), "--mode", "export"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "exported" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_async_save_writes_the_same_checkpoints_in_the_background(trained, tmp_path):
+    """--async-save (torch_dist): the writes run in background processes, the renames and the tracker follow when
+    the save completes; the checkpoints hold what a synchronous run saves."""
+    from mindspeed_mm.checkpoint.convert import read_megatron_full
+
+    root, paths, _ = trained
+    save = tmp_path / "async"
+    proc = _run(train_argv(paths, save, iters=4, extra=["--use-distributed-optimizer", "--ckpt-format",
+                                                        "torch_dist", "--async-save"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved checkpoint of iteration 2" in proc.stdout and "saved checkpoint of iteration 4" in proc.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert not [p for p in save.iterdir() if p.name.startswith(".")]
+    legacy = _model(root / "save", 4)["model"]
+    for key, value in read_megatron_full(save, log=lambda m: None)[0].items():
+        assert torch.equal(value, legacy[key]), key
+    proc = _run(train_argv(paths, tmp_path / "x", iters=1, extra=["--async-save"]))
+    assert proc.returncode == 2 and "--async-save writes distributed checkpoints" in proc.stderr

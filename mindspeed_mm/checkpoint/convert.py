@@ -49,6 +49,7 @@ from .megatron_layout import (
     write_tracker,
 )
 from ..errors import MindSpeedMMError
+from .dist_format import is_dist_checkpoint, read_full_model
 
 OFFICIAL_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -359,6 +360,8 @@ def read_megatron_full(source_path, log=_print) -> Tuple[Dict[str, torch.Tensor]
                               f"folder (the one holding latest_checkpointed_iteration.txt).")
     iteration = read_tracker(source)
     iter_dir = iteration_dir(source, iteration)
+    if is_dist_checkpoint(iter_dir):
+        return _read_dist_full(iter_dir, iteration, log)
     tp, pp = parallel_sizes(iter_dir)
     rank_dirs = scan_rank_dirs(iter_dir)
     log(f"reading {iter_dir}: TP {tp}, PP {pp}")
@@ -398,6 +401,26 @@ def read_megatron_full(source_path, log=_print) -> Tuple[Dict[str, torch.Tensor]
             del state
         block_offset += stage_layers
     return full, {"iteration": iteration, "tp": tp, "pp": pp}
+
+
+def _read_dist_full(iter_dir: Path, iteration, log) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """A distributed (torch_dist) training checkpoint: its model tensors at full size, read in one process."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from ..runtime import destroy_runtime, initialize_runtime
+
+    owns_runtime = not dist.is_initialized()  # reading goes through torch.distributed, one process is enough
+    if owns_runtime:
+        initialize_runtime(seed=0)
+    try:
+        full = read_full_model(iter_dir)
+        tp = dist_checkpointing.load_common_state_dict(str(iter_dir)).get("layout", {}).get("tp", 1)
+    finally:
+        if owns_runtime:
+            destroy_runtime()
+    log(f"reading {iter_dir}: distributed checkpoint saved at TP {tp}")
+    return full, {"iteration": iteration, "tp": tp, "pp": 1}
 
 
 def _check_full(full: Dict[str, torch.Tensor], num_layers: Optional[int], source: str) -> dict:

@@ -229,28 +229,45 @@ def checkpoint_load_errors(path, fix: str = RELOAD_FIX) -> Iterator[None]:
         raise CheckpointError(f"cannot load {path}: {problem}. {fix}") from exc
 
 
-def torch_load(path, fix: str = RELOAD_FIX) -> dict:
+def torch_load(path, fix: str = RELOAD_FIX, mmap: bool = False) -> dict:
     """torch.load with weights_only=True, allowing the plain types that Megatron-style checkpoints carry
     (numpy RNG states, argparse.Namespace args) and, when needed, Megatron-core's own safe classes.
-    A file that cannot be read raises CheckpointError naming it, the cause and `fix`."""
+    A file that cannot be read raises CheckpointError naming it, the cause and `fix`.
+
+    `mmap=True` maps the file instead of reading it: only the pickle is read now, and each tensor's bytes when the
+    tensor is first used (so a caller that uses part of the file reads only that part; `file_pages.FilePages`
+    gives the pages back after a copy). The tensors are then views of a private mapping: writing to one changes
+    this process's copy only, never the file. A file in torch's old non-zip format cannot be mapped and is read
+    whole, as without `mmap`."""
     import pickle
+
+    def load(extra_globals=()):
+        with torch.serialization.safe_globals(_basic_safe_globals() + list(extra_globals)):
+            if mmap:
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap can only be used" not in str(exc):
+                        raise
+            return torch.load(path, map_location="cpu", weights_only=True)
 
     with checkpoint_load_errors(path, fix):
         try:
-            with torch.serialization.safe_globals(_basic_safe_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
+            return load()
         except pickle.UnpicklingError:
             from megatron.core.safe_globals import SAFE_GLOBALS  # enums and configs saved by Megatron-LM
 
-            with torch.serialization.safe_globals(_basic_safe_globals() + list(SAFE_GLOBALS)):
-                return torch.load(path, map_location="cpu", weights_only=True)
+            return load(SAFE_GLOBALS)
 
 
-def load_model_state_dict(directory, tp_rank: int = 0, tp_size: int = 1,
-                          iteration: Optional[Iteration] = None) -> Tuple[Dict[str, torch.Tensor], Path]:
-    """(the "model" state dict of this TP rank, the file it came from)."""
+def load_model_state_dict(directory, tp_rank: int = 0, tp_size: int = 1, iteration: Optional[Iteration] = None,
+                          mmap: bool = True) -> Tuple[Dict[str, torch.Tensor], Path]:
+    """(the "model" state dict of this TP rank, the file it came from).
+
+    By default the file is memory-mapped (see `torch_load`): the tensors are read when used, and the optimizer
+    state beside them in a training checkpoint is never read at all."""
     path = checkpoint_file(directory, tp_rank, tp_size, iteration)
-    payload = torch_load(path)
+    payload = torch_load(path, mmap=mmap)
     if not isinstance(payload, dict) or "model" not in payload:
         keys = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(

@@ -1,1 +1,1 @@
-"""Command-line tools: tiny official-layout weights, feature extraction."""
+"""Command-line tools: tiny official-layout weights, feature extraction, the memory planner."""

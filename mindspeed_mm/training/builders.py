@@ -25,12 +25,15 @@ def params_dtype(args) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
-def load_dit(args, source: Optional[str], recompute: bool = True):
-    """The DiT in the flags' precision from `source` (--load, a from_pretrained path), or announced random weights."""
+def load_dit(args, source: Optional[str], recompute: bool = True, copy_of=None):
+    """The DiT in the flags' precision from `source` (--load, a from_pretrained path), or announced random weights.
+    `copy_of`: a DiT already loaded from `source` with these flags, copied instead of reading `source` again."""
     from ..models.predictor import StepVideoDiT
 
     cfg = replace(args.mm.model.predictor, dtype=params_dtype(args))
-    if source:
+    if copy_of is not None:
+        dit = StepVideoDiT.from_model(copy_of)
+    elif source:
         dit = StepVideoDiT.from_pretrained(source, replace(cfg, from_pretrained=None))
     else:
         print_rank0("WARNING: neither --load nor predictor.from_pretrained is set: the DiT starts from RANDOM "
@@ -41,12 +44,14 @@ def load_dit(args, source: Optional[str], recompute: bool = True):
     return dit
 
 
-def build_predictor(args):
-    """The trained DiT: from --load, else predictor.from_pretrained, else (announced) random weights."""
+def build_predictor(args, copy_of=None):
+    """The trained DiT: from --load, else predictor.from_pretrained, else (announced) random weights.
+    `copy_of`: a DiT already loaded from that same source (DPO's reference), whose weights are copied."""
     source = args.load or args.mm.model.predictor.from_pretrained
     if source:
-        print_rank0(f"loading the DiT from {source}")
-    return load_dit(args, source).train()
+        print_rank0(f"copying the DiT from the DPO reference, which was loaded from {source}" if copy_of is not None
+                    else f"loading the DiT from {source}")
+    return load_dit(args, source, copy_of=copy_of).train()
 
 
 def build_encoders(args) -> Tuple[object, object]:

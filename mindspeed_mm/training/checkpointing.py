@@ -49,6 +49,7 @@ from ..checkpoint.megatron_layout import (
     torch_load,
     tracker_path,
 )
+from ..checkpoint.file_pages import FilePages
 
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
 TRACKER_TMP_NAME = "latest_checkpointed_iteration.txt.tmp"
@@ -74,7 +75,8 @@ def _set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    # Copies: the loaded states are views of the mapped checkpoint file, which they would otherwise keep mapped.
+    get_cuda_rng_tracker().set_states({name: value.clone() for name, value in state["tracker"].items()})
 
 
 def recover_interrupted_save(save_dir, log=print) -> None:
@@ -110,13 +112,18 @@ def is_complete_checkpoint(save_dir, iteration: int) -> bool:
 
 def save_checkpoint(save_dir, iteration: int, model, optimizer, scheduler, consumed_samples: int,
                     use_distributed_optimizer: bool, no_save_optim: bool = False, no_save_rng: bool = False,
-                    records: Optional[Dict[str, dict]] = None, log=print) -> Path:
+                    records: Optional[Dict[str, dict]] = None, ckpt_format: str = "torch", async_queue=None,
+                    log=print) -> Path:
     """Save iteration `iteration` (collective: every rank calls it).
 
     `records`: {name: JSON-able dict} written by rank 0 as `<iter>/<name>.json` (e.g. the DPO reference).
+    `ckpt_format`: "torch" (the legacy layout above) or "torch_dist" (`training/dist_checkpoint.py`); both go
+    through the same hidden folder, renames and tracker, so a kill is repaired the same way.
+    `async_queue` (torch_dist, --async-save): a Megatron-core `AsyncCallsQueue`; the tensors are written by background
+    processes and the renames and tracker happen when the queue finalizes the save (the caller polls it).
     """
-    from megatron.core import parallel_state as ps
-
+    if async_queue is not None:  # one save in flight at a time: the previous one completes first
+        async_queue.maybe_finalize_async_calls(blocking=True)
     save_dir = Path(save_dir)
     final = save_dir / iteration_dir_name(iteration)
     tmp = save_dir / f".{final.name}.tmp"
@@ -133,35 +140,35 @@ def save_checkpoint(save_dir, iteration: int, model, optimizer, scheduler, consu
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    rank_dir = tmp / rank_dir_name(ps.get_tensor_model_parallel_rank())
-    writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
-    if writer:
-        rank_dir.mkdir(parents=True, exist_ok=True)
-        state = {"model": model.state_dict_for_save_checkpoint(), "iteration": iteration,
-                 "consumed_samples": consumed_samples, "checkpoint_version": 3.0}
-        if not no_save_optim:
-            state["optimizer"] = optimizer.state_dict()
-            state["opt_param_scheduler"] = scheduler.state_dict()
-        if not no_save_rng:
-            state["rng_state"] = _rng_state()
-        torch.save(state, rank_dir / CHECKPOINT_FILENAME)
-    dist.barrier()
-    if use_distributed_optimizer and not no_save_optim:
-        # Collective over the data x context parallel group; its rank 0 (the writer above) writes.
-        optimizer.save_parameter_state(str(rank_dir / DISTRIB_OPTIM_FILENAME))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        old = save_dir / f".{final.name}.old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        tracker_tmp = save_dir / f".{TRACKER_TMP_NAME}"
-        tracker_tmp.write_text(str(iteration))
-        os.replace(tracker_tmp, tracker_path(save_dir))
-        if old.exists():
-            shutil.rmtree(old)
-        log(f"saved checkpoint of iteration {iteration} to {final}")
-    dist.barrier()
+    def complete() -> None:  # every rank has written its part: move the folder in, then the tracker
+        dist.barrier()
+        if dist.get_rank() == 0:
+            old = save_dir / f".{final.name}.old"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            tracker_tmp = save_dir / f".{TRACKER_TMP_NAME}"
+            tracker_tmp.write_text(str(iteration))
+            os.replace(tracker_tmp, tracker_path(save_dir))
+            if old.exists():
+                shutil.rmtree(old)
+            log(f"saved checkpoint of iteration {iteration} to {final}")
+        dist.barrier()
+
+    if ckpt_format == "torch_dist":
+        from .dist_checkpoint import save_training_state
+
+        request = save_training_state(tmp, model, optimizer, scheduler, iteration, consumed_samples,
+                                      with_optimizer=not no_save_optim, with_rng=not no_save_rng,
+                                      asynchronous=async_queue is not None)
+        if request is not None:
+            request.add_finalize_fn(complete)
+            async_queue.schedule_async_request(request)
+            return final
+    else:
+        _save_legacy(tmp, model, optimizer, scheduler, iteration, consumed_samples, use_distributed_optimizer,
+                     no_save_optim, no_save_rng)
+    complete()
     return final
 
 
@@ -211,6 +218,29 @@ def check_shared_folder(folder, probe: Optional[Path] = None, wait_s: Optional[f
         f"mounts at the same path (see docs/multinode.md).")
 
 
+def _save_legacy(tmp: Path, model, optimizer, scheduler, iteration: int, consumed_samples: int,
+                 use_distributed_optimizer: bool, no_save_optim: bool, no_save_rng: bool) -> None:
+    """mp_rank_XX/model_optim_rng.pt by data-parallel rank 0 of each TP rank, and distrib_optim.pt."""
+    from megatron.core import parallel_state as ps
+
+    rank_dir = tmp / rank_dir_name(ps.get_tensor_model_parallel_rank())
+    writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    if writer:
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        state = {"model": model.state_dict_for_save_checkpoint(), "iteration": iteration,
+                 "consumed_samples": consumed_samples, "checkpoint_version": 3.0}
+        if not no_save_optim:
+            state["optimizer"] = optimizer.state_dict()
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if not no_save_rng:
+            state["rng_state"] = _rng_state()
+        torch.save(state, rank_dir / CHECKPOINT_FILENAME)
+    dist.barrier()
+    if use_distributed_optimizer and not no_save_optim:
+        # Collective over the data x context parallel group; its rank 0 (the writer above) writes.
+        optimizer.save_parameter_state(str(rank_dir / DISTRIB_OPTIM_FILENAME))
+
+
 def read_record(load_dir, name: str) -> Optional[dict]:
     """The `<name>.json` record of the tracked iteration of `load_dir`, or None when it has none."""
     path = iteration_dir(load_dir) / f"{name}.json"
@@ -223,7 +253,8 @@ def read_record(load_dir, name: str) -> Optional[dict]:
 
 
 def load_training_state(load_dir, optimizer, scheduler, use_distributed_optimizer: bool, finetune: bool = False,
-                        no_load_optim: bool = False, no_load_rng: bool = False, log=print) -> Tuple[int, int]:
+                        no_load_optim: bool = False, no_load_rng: bool = False, log=print,
+                        model=None) -> Tuple[int, int]:
     """Restore optimizer, scheduler and RNG from `load_dir`'s tracked iteration; returns (iteration, consumed).
 
     The model weights are loaded before the optimizer is built (`StepVideoDiT.from_pretrained`), so the
@@ -237,9 +268,21 @@ def load_training_state(load_dir, optimizer, scheduler, use_distributed_optimize
         why = "a release checkpoint" if iteration == RELEASE else "--finetune"
         log(f"starting at iteration 0 with a fresh optimizer ({why}: only the model weights of {load_dir} are used)")
         return 0, 0
+    from ..checkpoint.dist_format import is_dist_checkpoint
+
+    if is_dist_checkpoint(iteration_dir(load_dir, iteration)):  # any TP/DP layout: read resharded
+        from .dist_checkpoint import load_training_state_dist
+
+        iteration, consumed = load_training_state_dist(iteration_dir(load_dir, iteration), model, optimizer,
+                                                       scheduler, no_load_optim, no_load_rng, log=log)
+        log(f"resumed from {load_dir} at iteration {iteration} ({consumed} samples consumed)")
+        return iteration, consumed
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     path = checkpoint_file(load_dir, tp_rank, tp, iteration)
-    payload = torch_load(path)
+    # Mapped, not read: the model weights beside the optimizer state were loaded already (from_pretrained) and
+    # are not read again; what is used is copied out below and its pages given back.
+    payload = torch_load(path, mmap=True)
+    pages = FilePages(path)
     consumed = int(payload.get("consumed_samples", 0))
     if no_load_optim:
         log(f"--no-load-optim: resuming at iteration {iteration} with a fresh optimizer")
@@ -249,6 +292,10 @@ def load_training_state(load_dir, optimizer, scheduler, use_distributed_optimize
             raise CheckpointError(f"{path} has no {' or '.join(missing)} state (it was saved with --no-save-optim); "
                                   f"resume with --no-load-optim, or --finetune to restart the schedule.")
         optimizer.load_state_dict(payload["optimizer"])
+        # Nothing has written to the mapping: what Megatron copied (the fp32 main weights) is given back now, and
+        # the moments the optimizer kept as views are still unread; then they get memory of their own.
+        pages.release_all(payload["optimizer"])
+        _own_optimizer_state(optimizer, pages)
         scheduler.load_state_dict(payload["opt_param_scheduler"])
         if use_distributed_optimizer:
             dist_path = path.parent / DISTRIB_OPTIM_FILENAME
@@ -261,6 +308,21 @@ def load_training_state(load_dir, optimizer, scheduler, use_distributed_optimize
         _set_rng_state(payload["rng_state"])
     log(f"resumed from {path.parent.parent} at iteration {iteration} ({consumed} samples consumed)")
     return int(iteration), consumed
+
+
+def _own_optimizer_state(optimizer, pages: FilePages) -> None:
+    """Give the optimizer its own copy of each state tensor it kept from the mapped checkpoint file.
+
+    torch's `Optimizer.load_state_dict` keeps a loaded tensor as it is when its dtype and device already match, so
+    the Adam moments would stay views of the file's private mapping until the first step writes them (copy on
+    write): a file rewritten in place in that window would change them, and the file would stay mapped for the
+    whole run. They are copied one at a time, each tensor's file pages given back after its copy."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            for key, value in list(state.items()):
+                if torch.is_tensor(value) and pages.holds(value):
+                    state[key] = value.clone()
+                    pages.release(value)
 
 
 def _load_distributed_parameter_state(optimizer, path: Path) -> None:

@@ -29,6 +29,7 @@ from .checkpointing import read_record
 
 RECORD_NAME = "dpo_reference"
 _FINGERPRINT_RTOL = 1e-6  # float64 sums of the same weights agree to ~1e-12; a changed weight moves them more
+_FINGERPRINT_CHUNK = 1 << 22
 
 
 def _resuming(args) -> bool:
@@ -72,9 +73,12 @@ def fingerprint(module: torch.nn.Module) -> List[float]:
     with torch.no_grad():
         for tensor in module.state_dict().values():
             if tensor.is_floating_point():
-                t = tensor.detach().double()
-                total += t.sum().item()
-                squares += t.square().sum().item()
+                flat = tensor.detach().reshape(-1)
+                # In chunks: a whole real-width tensor in float64 is 4x its bf16 size on top of two loaded DiTs.
+                for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
+                    t = flat[start:start + _FINGERPRINT_CHUNK].double()
+                    total += t.sum().item()
+                    squares += t.square().sum().item()
     return [total, squares]
 
 
@@ -122,6 +126,14 @@ def build_reference(args):
     return reference, record
 
 
+def build_actor(args, reference, record: dict):
+    """The trained DiT. On a fresh run it starts from the checkpoint the reference was just loaded from: then it is
+    a copy of the reference, so each rank reads that checkpoint once, not twice."""
+    source = args.load or args.mm.model.predictor.from_pretrained
+    same = bool(source) and os.path.realpath(source) == os.path.realpath(record["path"])
+    return build_predictor(args, copy_of=reference if same else None)
+
+
 def build_dpo_model(args):
     """SoRADPOModel: the actor (from --load or predictor.from_pretrained) and its frozen reference."""
     from ..models.diffusion import FlowMatchScheduler
@@ -140,7 +152,8 @@ def build_dpo_model(args):
         histogram = load_histogram(dpo.histogram_path)
     reference, record = build_reference(args)
     vae, encoder = build_encoders(args)
-    model = SoRADPOModel(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), reference,
+    actor = build_actor(args, reference, record)
+    model = SoRADPOModel(actor, FlowMatchScheduler.from_config(model_cfg.diffusion), reference,
                          vae=vae, text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
                          loss_beta=dpo.loss_beta, beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
                          pref_ftx=args.pref_ftx, histogram=histogram, weight_alpha=dpo.weight_alpha,

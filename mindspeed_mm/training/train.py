@@ -189,7 +189,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
     if args.load:
         iteration, consumed = load_training_state(
             args.load, optimizer, scheduler, args.use_distributed_optimizer, finetune=args.finetune,
-            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, log=_print)
+            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, log=_print, model=model)
     start_iteration = iteration
 
     data_cfg = args.mm.data
@@ -211,10 +211,16 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
     saved_at = iteration if _same_folder(args.load, args.save) and is_complete_checkpoint(args.save, iteration) \
         else None
     records = getattr(model, "checkpoint_records", {})
+    async_queue = None
+    if args.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        async_queue = AsyncCallsQueue()
 
     def save() -> None:
         save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed, args.use_distributed_optimizer,
-                        args.no_save_optim, args.no_save_rng, records=records, log=_print)
+                        args.no_save_optim, args.no_save_rng, records=records, ckpt_format=args.ckpt_format,
+                        async_queue=async_queue, log=_print)
 
     _print(f"training: iterations {iteration} -> {args.train_iters}, global batch {args.global_batch_size} = "
            f"micro-batch {args.micro_batch_size} x {args.num_micro_batches} micro-batches x data parallel {dp_size} "
@@ -236,6 +242,8 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
                 for key, value in extra.items():
                     extras.setdefault(key, []).append(value.detach().float().mean())
             ddp.finish_grad_sync()
+            if async_queue is not None:
+                async_queue.maybe_finalize_async_calls(blocking=False)  # completes a save whose writes are done
             loss_scale = optimizer.get_loss_scale().item()  # the scale this step's gradients carry
             ok, grad_norm, _ = optimizer.step()
             iteration += 1
@@ -269,6 +277,9 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
         elif args.save and iteration == start_iteration:
             _print(f"iteration {iteration} is already saved complete in {args.save}; nothing to train or save "
                    f"(raise --train-iters to continue)")
+        if async_queue is not None:
+            async_queue.maybe_finalize_async_calls(blocking=True)
+            async_queue.close()
     finally:
         metrics.close()
     return {"iteration": iteration, "loss": last_loss, "consumed_samples": consumed,

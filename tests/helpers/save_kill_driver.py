@@ -1,9 +1,11 @@
 """Kill a training run with SIGKILL at each step of a checkpoint save, then check that the next run recovers.
 
-    python -m tests.helpers.save_kill_driver <workdir> <scenario> <paths.json>
+    python -m tests.helpers.save_kill_driver <workdir> <scenario> <paths.json> [torch | torch_dist]
 
-A "step" is a filesystem mutation made while `save_checkpoint` runs: a mkdir, torch.save (the model file and
-the distributed optimizer's file), a rename, a write or a delete. For k = 1, 2, ... the driver forks a child
+A "step" is a filesystem mutation made while `save_checkpoint` runs in the training process: a mkdir, torch.save
+(the model file and the distributed optimizer's file, or torch_dist's common state), a rename, a write or a delete.
+(torch_dist's tensor files are written by processes Megatron-core forks; a kill of the trainer at any of the steps
+above also lands before, between or after those writes.) For k = 1, 2, ... the driver forks a child
 that runs the scenario's killed command and SIGKILLs itself just before its k-th step, then forks another child
 that runs the recovery command (the same folder as --load and --save, on to iteration 2). It stops at the first
 k that is never reached (the save completed). Children are forked after the imports, so each costs the
@@ -28,12 +30,13 @@ import torch
 from mindspeed_mm.training import checkpointing, train
 from tests.helpers.training_fixtures import train_argv
 
-_state = {"active": False, "count": 0, "kill_at": 0}
+_state = {"active": False, "count": 0, "kill_at": 0, "pid": None}
 
 
 def _counted(fn):
     def wrapped(*args, **kwargs):
-        if _state["active"]:
+        # Only the training process counts: processes it forks (torch_dist's writers) inherit these wrappers.
+        if _state["active"] and os.getpid() == _state["pid"]:
             _state["count"] += 1
             if _state["count"] == _state["kill_at"]:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -58,6 +61,22 @@ def _install_kill_points() -> None:
     train.save_checkpoint = save
 
 
+def _become_subreaper() -> None:
+    """Processes a killed child leaves behind (Megatron-core's writer and its multiprocessing manager) become this
+    process's children, so `_reap_leftovers` can end them instead of leaving them to init."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def _reap_leftovers() -> None:
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        proc.kill()
+    psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
+
+
 def _child(argv, kill_at: int, log: pathlib.Path) -> int:
     """Run pretrain(argv) in a forked child; returns its wait status (negative: killed by that signal)."""
     pid = os.fork()
@@ -67,7 +86,7 @@ def _child(argv, kill_at: int, log: pathlib.Path) -> int:
         os.dup2(fd, 2)
         code = 1
         try:
-            _state["kill_at"] = kill_at
+            _state["kill_at"], _state["pid"] = kill_at, os.getpid()
             train.pretrain(argv)
             code = 0
         except BaseException as exc:  # report and exit: the parent reads the log
@@ -76,15 +95,18 @@ def _child(argv, kill_at: int, log: pathlib.Path) -> int:
             sys.stdout.flush()
             os._exit(code)
     _, status = os.waitpid(pid, 0)
+    _reap_leftovers()
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def main() -> int:
     work, scenario, paths_file = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
+    ckpt_format = sys.argv[4] if len(sys.argv) > 4 else "torch"
     paths = {k: pathlib.Path(v) for k, v in json.loads(paths_file.read_text()).items()}
+    _become_subreaper()
     _install_kill_points()
     base = work / "base"
-    flags = ["--use-distributed-optimizer", "--save-interval", "1"]
+    flags = ["--use-distributed-optimizer", "--save-interval", "1", "--ckpt-format", ckpt_format]
     if _child(train_argv(paths, base, iters=1, extra=flags), 0, work / "base.log") != 0:
         print(json.dumps({"error": "the base run failed", "log": (work / "base.log").read_text()[-2000:]}))
         return 1

@@ -115,6 +115,14 @@ class StepVideoDiT(MegatronModule):
 
         return load_pretrained(cls, path, config=config, device=device, **overrides)
 
+    @classmethod
+    def from_model(cls, other: "StepVideoDiT") -> "StepVideoDiT":
+        """Another DiT with `other`'s config, device and weights, copied tensor by tensor: no file is read and no
+        initialisation pass runs (DPO's actor and reference from one read of the same checkpoint)."""
+        from .pretrained import copy_model
+
+        return copy_model(other)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.pos_embed.proj.weight.dtype

@@ -13,8 +13,14 @@ checkpoint's tensor shapes (layers, heads from the q_norm width, channels, i2v f
 motion-score embedder); keyword overrides win. Either way the load is strict, so a config
 that does not match the tensors fails with the keys and shapes that disagree.
 
-Each TP rank reads only its own part: official tensors are read one at a time, permuted to
-the [Q; K; V] layout and sliced for the rank; Megatron checkpoints must have this run's TP size.
+Each TP rank reads only its own part, once, and host memory stays near one copy of that part:
+the model is built on `meta` (no memory, no initialisation); keys and shapes are checked
+against the safetensors headers or the pickle's metadata before any tensor is read; then the
+model gets uninitialised memory and every tensor is copied straight into its parameter as it is
+read: an official tensor's rank slice (the fused projections regrouped to [Q; K; V] on the
+way), or a Megatron rank file's tensor through a memory map (`torch.load(mmap=True)`), whose
+pages are given back after each copy (`checkpoint/file_pages.py`). Megatron checkpoints must
+have this run's TP size.
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from mindspeed_mm.checkpoint import is_megatron_checkpoint, load_model_state_dict
+from mindspeed_mm.checkpoint.file_pages import FilePages
+from mindspeed_mm.checkpoint.dist_format import MODEL_PREFIX, is_dist_checkpoint, load_dit_weights
+from mindspeed_mm.checkpoint.megatron_layout import iteration_dir
 from mindspeed_mm.config.base import ConfigError, from_dict, to_dict
 from mindspeed_mm.config.model import PredictorConfig
 from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError, open_safetensors, read_json_file
 from mindspeed_mm.models.weights_layout import OFFICIAL_LAYOUT, WeightsNotFoundError
+from mindspeed_mm.runtime.device import current_device
 
 from . import state_dict_adapter as adapter
-from .parallelize import current_parallel_state
+from .parallelize import current_parallel_state, plan_for_parameter
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -60,6 +70,8 @@ def load_pretrained(cls, path, config: Optional[PredictorConfig] = None, device=
             f"transformer/ folder or a converted Megatron-layout checkpoint.\n{OFFICIAL_LAYOUT}"
         )
     if is_megatron_checkpoint(path):
+        if is_dist_checkpoint(iteration_dir(path)):
+            return _load_megatron_dist(cls, path, config, device, overrides)
         return _load_megatron(cls, path, config, device, overrides)
     if (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file():
         return _load_official(cls, path, config, device, overrides)
@@ -146,24 +158,24 @@ def infer_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str) ->
 # --- strict loading -------------------------------------------------------------------------
 
 
-def _load_strict(model, local_sd: Dict[str, torch.Tensor], full_shapes: Dict[str, tuple], source: str,
-                 official_names: bool, unsplittable=()) -> None:
-    """Check keys and shapes against the model, then load. `full_shapes` are the unsharded
-    checkpoint shapes (for messages); comparison is on this rank's shapes. Keys in
-    `unsplittable` could not be permuted or sliced for TP and always count as mismatched."""
+def _check_strict(model, local_shapes: Dict[str, tuple], full_shapes: Dict[str, tuple], source: str,
+                  official_names: bool, unsplittable=()) -> None:
+    """Check the checkpoint's keys and this rank's shapes against the model (which may still be on `meta`), before
+    any tensor is read. `full_shapes` are the unsharded checkpoint shapes (for messages). Keys in `unsplittable`
+    could not be permuted or sliced for TP and always count as mismatched."""
     expected = model.state_dict()
     tp = model.parallel.tp
 
     def name(k):
         return adapter.our_key_to_official(k) if official_names else k
 
-    missing = sorted(name(k) for k in expected if k not in local_sd)
-    unexpected = sorted(name(k) for k in local_sd if k not in expected)
+    missing = sorted(name(k) for k in expected if k not in local_shapes)
+    unexpected = sorted(name(k) for k in local_shapes if k not in expected)
     mismatched = []
-    for k in sorted(set(expected) & set(local_sd)):
-        if k in unsplittable or tuple(local_sd[k].shape) != tuple(expected[k].shape):
+    for k in sorted(set(expected) & set(local_shapes)):
+        if k in unsplittable or tuple(local_shapes[k]) != tuple(expected[k].shape):
             want = adapter.full_shape(k, expected[k].shape, tp)
-            got = full_shapes.get(k, tuple(local_sd[k].shape))
+            got = full_shapes.get(k, tuple(local_shapes[k]))
             mismatched.append(f"{name(k)}: checkpoint {tuple(got)} vs model {tuple(want)}")
     if missing or unexpected or mismatched:
         cfg = model.predictor_config
@@ -182,9 +194,50 @@ def _load_strict(model, local_sd: Dict[str, torch.Tensor], full_shapes: Dict[str
             f"from_pretrained at the right weights."
         )
         raise PretrainedLoadError(" ".join(parts))
-    dtype = model.dtype
+
+
+# --- building without initialising, copying as we read ----------------------------------------
+
+
+def _empty_model(cls, cfg: PredictorConfig):
+    """The DiT on `meta`: shapes, names and Megatron's parallel marks, but no memory and no initialisation.
+    `_materialize` then gives it memory that the load writes exactly once."""
+    return cls(cfg, device="meta", perform_initialization=False)
+
+
+def _materialize(model, device=None):
+    """Give every `meta` parameter and buffer uninitialised memory on `device` (default: this run's device).
+
+    `Module.to_empty` would do this but replaces each Parameter with a new one and so drops the attributes
+    Megatron's layers and `parallelize.build_linear` set on them (`tensor_model_parallel`, `partition_dim`,
+    `allreduce`): the grad norm would then count split weights on TP rank 0 only. They are carried over here.
+    Uninitialised memory costs no host RSS until it is written."""
+    target = torch.device(device) if device is not None else current_device()
+    done: Dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in done:
+                new = torch.nn.Parameter(torch.empty_like(param, device=target), requires_grad=param.requires_grad)
+                new.__dict__.update(param.__dict__)
+                done[id(param)] = new
+            module._parameters[name] = done[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=target)
+    return model
+
+
+def copy_model(model):
+    """A second DiT with `model`'s config, device and weights, built without initialising and filled tensor by
+    tensor from `model` (DPO's actor and reference from one read of the checkpoint)."""
+    clone = _materialize(_empty_model(type(model), model.predictor_config), model.device)
     with torch.no_grad():
-        model.load_state_dict({k: v.to(dtype) for k, v in local_sd.items()}, strict=True)
+        source = model.state_dict()
+        for key, tensor in clone.state_dict().items():
+            tensor.copy_(source[key])
+    return clone
 
 
 def _weight_files(path: Path):
@@ -215,40 +268,86 @@ def _weight_files(path: Path):
 def _load_official(cls, path: Path, config, device, overrides):
     cfg = _official_config(path, config, overrides)
     files = _weight_files(path)
-    model = cls(cfg, device=device, perform_initialization=False)
+    model = _empty_model(cls, cfg)
     state = model.parallel
-    local: Dict[str, torch.Tensor] = {}
-    full_shapes: Dict[str, tuple] = {}
-    origin: Dict[str, str] = {}
+    headers: Dict[str, tuple] = {}  # our key -> (file, official key, full shape)
+    local_shapes: Dict[str, tuple] = {}
     unsplittable = set()
-    for file in files:
+    for file in files:  # headers only: no tensor data is read before the strict check
         with open_safetensors(file, "StepVideo DiT") as handle:
             for official_key in handle.keys():
-                tensor = handle.get_tensor(official_key)
                 key = adapter.official_key_to_ours(official_key)
-                if key in origin:
-                    raise PretrainedLoadError(f"{official_key} is stored twice: in {origin[key]} and {file.name}.")
-                origin[key] = file.name
-                full_shapes[key] = tuple(tensor.shape)
-                try:
-                    key, tensor = adapter.official_tensor_to_ours(official_key, tensor, cfg.head_dim)
-                    tensor = adapter.shard_tensor(key, tensor, state.tp_rank, state.tp).clone()
+                if key in headers:
+                    raise PretrainedLoadError(f"{official_key} is stored twice: in {headers[key][0].name} and "
+                                              f"{file.name}.")
+                shape = tuple(handle.get_slice(official_key).get_shape())
+                headers[key] = (file, official_key, shape)
+                try:  # the same permutation and TP slicing as the data will get, on a shape-only tensor
+                    _, meta = adapter.official_tensor_to_ours(official_key, torch.empty(shape, device="meta"),
+                                                              cfg.head_dim)
+                    local_shapes[key] = tuple(adapter.shard_tensor(key, meta, state.tp_rank, state.tp).shape)
                 except ValueError:
                     unsplittable.add(key)  # wrong shape: reported with every other mismatch below
-                local[key] = tensor
-    _load_strict(model, local, full_shapes, f"'{path}' (official layout, files {[f.name for f in files]})",
-                 official_names=True, unsplittable=unsplittable)
+                    local_shapes[key] = shape
+    _check_strict(model, local_shapes, {k: h[2] for k, h in headers.items()},
+                  f"'{path}' (official layout, files {[f.name for f in files]})", official_names=True,
+                  unsplittable=unsplittable)
+    _materialize(model, device)
+    params = model.state_dict()
+    with torch.no_grad():
+        for file in files:
+            pages = FilePages(file)
+            with open_safetensors(file, "StepVideo DiT") as handle:
+                for official_key in handle.keys():
+                    key = adapter.official_key_to_ours(official_key)
+                    index = adapter.official_rank_index(key, headers[key][2], state.tp_rank, state.tp)
+                    part = handle.get_slice(official_key)[index]  # this rank's bytes only
+                    pages.copy(*adapter.official_part_views(params[key], key, part, cfg.head_dim))
+                    del part
     return model
 
 
 def _load_megatron(cls, path: Path, config, device, overrides):
     state = current_parallel_state()
-    sd, file = load_model_state_dict(path, tp_rank=state.tp_rank, tp_size=state.tp)
+    sd, file = load_model_state_dict(path, tp_rank=state.tp_rank, tp_size=state.tp)  # mapped: nothing read yet
     source = str(file)
     base = to_dict(config) if config is not None else infer_config_from_state_dict(sd, source)
     base.pop("from_pretrained", None)
     cfg = _make_config(base, overrides, source)
-    model = cls(cfg, device=device, perform_initialization=False)
-    _load_strict(model, dict(sd), {}, f"'{file}' (Megatron layout, TP rank {state.tp_rank} of {state.tp})",
-                 official_names=False)
+    model = _empty_model(cls, cfg)
+    _check_strict(model, {k: tuple(v.shape) for k, v in sd.items()}, {},
+                  f"'{file}' (Megatron layout, TP rank {state.tp_rank} of {state.tp})", official_names=False)
+    _materialize(model, device)
+    params = model.state_dict()
+    pages = FilePages(file)
+    with torch.no_grad():
+        for key in list(sd):
+            tensor = sd.pop(key)
+            pages.copy(params[key], tensor)  # the file's dtype to the model's, as load_state_dict(v.to(dtype)) did
+            del tensor
+    return model
+
+
+def _load_megatron_dist(cls, path: Path, config, device, overrides):
+    """A distributed (torch_dist) checkpoint: the config from `config` or the global shapes, then this rank's slices."""
+    from megatron.core import dist_checkpointing
+
+    iter_dir = iteration_dir(path)
+    source = f"'{iter_dir}' (distributed checkpoint)"
+    if config is not None:
+        base = to_dict(config)
+    else:
+        shapes = {}
+        for key, meta in dist_checkpointing.load_tensors_metadata(str(iter_dir)).items():
+            if key.startswith(MODEL_PREFIX):
+                shape = tuple(meta.global_shape)
+                plan, _ = plan_for_parameter(key[len(MODEL_PREFIX):])
+                if plan is not None and plan.fused > 1:
+                    shape = (shape[0] * shape[1], *shape[2:])  # stored as (parts, rows, ...)
+                shapes[key[len(MODEL_PREFIX):]] = torch.empty(shape, device="meta")
+        base = infer_config_from_state_dict(shapes, source)
+    base.pop("from_pretrained", None)
+    model = _empty_model(cls, _make_config(base, overrides, source))
+    _materialize(model, device)  # uninitialised: every tensor is read into it below
+    load_dit_weights(model, iter_dir)
     return model

@@ -22,7 +22,7 @@ with `predictor_kwargs_from_official_config`, and back with `official_config_fro
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -166,6 +166,36 @@ def merge_tensor(key: str, shards: List[torch.Tensor]) -> torch.Tensor:
         return torch.cat(shards, dim=dim)
     per_rank = [s.chunk(parts, dim=0) for s in shards]
     return torch.cat([torch.cat([p[i] for p in per_rank], dim=0) for i in range(parts)], dim=0)
+
+
+def official_rank_index(key: str, shape: Sequence[int], tp_rank: int, tp_size: int) -> Tuple[slice, ...]:
+    """The index of TP rank `tp_rank`'s part in the OFFICIAL tensor of our `key` (full `shape`): one contiguous
+    range on the split dimension, so a rank reads only its own bytes.
+
+    For the fused projections this holds because the official rows are per head ([q_h k_h v_h] for each head h):
+    the rows of heads [r*H/tp, (r+1)*H/tp) are contiguous, and `official_part_views` regroups them into the rank's
+    [Q_r; K_r; V_r], which is what `shard_tensor(official_tensor_to_ours(...))` gives. It needs whole heads per
+    rank (H % tp == 0), which the model's construction and the strict shape check guarantee before any copy."""
+    index = [slice(None)] * len(shape)
+    plan, leaf = plan_for_parameter(key)
+    dim = split_dim(plan, leaf) if plan is not None and tp_size > 1 else None
+    if dim is not None:
+        size = shape[dim] // tp_size
+        index[dim] = slice(tp_rank * size, (tp_rank + 1) * size)
+    return tuple(index)
+
+
+def official_part_views(dst: torch.Tensor, key: str, part: torch.Tensor,
+                        head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(`dst` view, `part` view) of equal shape such that `dst_view.copy_(part_view)` puts a rank's part of an
+    official tensor (`official_rank_index`) into `dst` in our layout and dtype, without an intermediate copy, and
+    can be done in slices along the first dimension (rows; heads for the fused projections, whose rows
+    [head][part][d] are written to [part][head][d])."""
+    parts = fused_parts(key)
+    if parts == 1:
+        return dst, part
+    rest = tuple(part.shape[1:])
+    return dst.view(parts, -1, head_dim, *rest).transpose(0, 1), part.reshape(-1, parts, head_dim, *rest)
 
 
 def full_shape(key: str, local_shape: Iterable[int], tp_size: int) -> Tuple[int, ...]:

@@ -1,0 +1,266 @@
+"""Peak host memory per rank while loading and saving the StepVideo DiT, at TP=2 on 2 gloo ranks.
+
+    python benchmarks/load_memory.py                       # real width (48 heads x 128), 1 layer, bf16
+    python benchmarks/load_memory.py --repo /tmp/before    # the same files, loaded by another checkout
+
+Writes, once, with this checkout's tools: a random official transformer/ folder at real width (`dit_weights`), its
+TP=2 Megatron split (`checkpoint.convert.split`) and, at a smaller width (--train-heads), a training checkpoint with
+Adam state. Then each scenario runs in fresh `torchrun --nproc_per_node 2` processes that import `mindspeed_mm` from
+--repo:
+
+    official     StepVideoDiT.from_pretrained(official folder)
+    megatron     StepVideoDiT.from_pretrained(the TP=2 split, release/)
+    dpo          the DPO reference and actor from that same split (training/dpo.py, a fresh run)
+    save         training.checkpointing.save_checkpoint of the loaded real-width DiT (legacy format, weights + RNG)
+    train-save   save_checkpoint of a smaller DiT with its bf16 Adam state (Megatron's optimizer, one step taken)
+    train-load   from_pretrained of that training checkpoint (weights beside 6x their size in optimizer state)
+    resume       load_training_state of it (optimizer, scheduler, RNG)
+
+Measure: each rank resets its RSS high-water mark after imports and process-group set-up (`/proc/self/clear_refs`,
+which resets both VmHWM and getrusage's ru_maxrss), notes its RSS as the baseline, runs the step, and reports
+ru_maxrss minus the baseline. RSS counts the pages of memory-mapped files the process has touched as well as its own
+memory, so reading a checkpoint through a map is charged like reading it into memory. The figures are given as
+multiples of the rank's share of the weights (the bytes of its model state dict; for `resume`, of the optimizer
+state it loads). Mean of the two ranks; they differ by a few MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GiB = 2**30
+SCENARIOS = ("official", "megatron", "dpo", "save", "train-save", "train-load", "resume")
+
+
+# --- one rank (under torchrun) ----------------------------------------------------------------------
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def _reset_peak() -> int:
+    """Reset the RSS high-water mark; returns the RSS now (the baseline)."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status("VmRSS")
+
+
+def _peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _predictor_config(folder: Path):
+    from mindspeed_mm.config.model import PredictorConfig
+    from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
+
+    kwargs = adapter.predictor_kwargs_from_official_config(json.loads((folder / "config.json").read_text()), "")
+    kwargs["channel_split"] = adapter.default_channel_split(kwargs["head_dim"])
+    return PredictorConfig(**kwargs, dtype="bf16")
+
+
+def _args(predictor, load: str):
+    """The flags `training.builders`/`training.dpo` read, for a fresh bf16 run from `load`."""
+    from types import SimpleNamespace
+
+    from mindspeed_mm.config.model import DPOConfig
+
+    mm = SimpleNamespace(model=SimpleNamespace(predictor=predictor, dpo=DPOConfig(histogram_path="unused")))
+    return SimpleNamespace(mm=mm, mm_model="benchmark", load=load, finetune=False, bf16=True, fp16=False,
+                           recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+
+
+def _optimizer(dit):
+    """Megatron DDP and the training loop's optimizer (bf16 weights, fp32 main weights, Adam) with its state."""
+    from types import SimpleNamespace
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from mindspeed_mm.training.train import build_optimizer
+
+    ddp = DistributedDataParallel(dit.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), dit)
+    flags = SimpleNamespace(optimizer="adam", lr=1e-5, min_lr=0.0, weight_decay=0.01, adam_beta1=0.9,
+                            adam_beta2=0.999, adam_eps=1e-8, sgd_momentum=0.9, clip_grad=1.0, bf16=True, fp16=False,
+                            use_distributed_optimizer=False, loss_scale=None, initial_loss_scale=2**32,
+                            min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2, lr_warmup_iters=0,
+                            lr_warmup_fraction=None, lr_decay_iters=None, train_iters=10, lr_warmup_init=0.0,
+                            lr_decay_style="constant")
+    optimizer, scheduler = build_optimizer(flags, ddp)
+    return ddp, optimizer, scheduler
+
+
+def _optimizer_bytes(optimizer) -> int:
+    total = 0
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:  # fp32 main weights
+                total += param.numel() * param.element_size()
+        for state in inner.optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel"))
+    return total
+
+
+def run_rank(scenario: str, work: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    from mindspeed_mm.models.predictor import StepVideoDiT
+    from mindspeed_mm.runtime import initialize_runtime
+    from mindspeed_mm.training import checkpointing
+
+    initialize_runtime(tensor_model_parallel_size=2)
+    rank = dist.get_rank()
+    official, split, train = work / "transformer", work / "megatron_tp2", work / f"train_{os.environ['BENCH_LABEL']}"
+    share = None
+    if scenario in ("save", "train-save", "train-load", "resume"):
+        source = split if scenario == "save" else train
+        if scenario == "train-save":
+            dit = StepVideoDiT(_predictor_config(work / "train_config"))
+        elif scenario != "train-load":
+            dit = StepVideoDiT.from_pretrained(source, dtype="bf16")
+        if scenario in ("train-save", "resume"):
+            ddp, optimizer, scheduler = _optimizer(dit)
+            if scenario == "train-save":
+                ddp.zero_grad_buffer()
+                optimizer.step()  # allocates the Adam moments
+    dist.barrier()
+    baseline = _reset_peak()
+    start = time.perf_counter()
+    if scenario == "official":
+        model = StepVideoDiT.from_pretrained(official, dtype="bf16")
+    elif scenario in ("megatron", "train-load"):
+        model = StepVideoDiT.from_pretrained(split if scenario == "megatron" else train, dtype="bf16")
+    elif scenario == "dpo":
+        from mindspeed_mm.training import dpo
+        from mindspeed_mm.training.builders import build_predictor
+
+        args = _args(_predictor_config(official), str(split))
+        reference, record = dpo.build_reference(args)
+        model = dpo.build_actor(args, reference, record) if hasattr(dpo, "build_actor") else build_predictor(args)
+    elif scenario == "save":
+        checkpointing.save_checkpoint(work / f"save_{os.environ['BENCH_LABEL']}", 1, dit, None, None, 0, False,
+                                      no_save_optim=True, log=lambda m: None)
+        model = dit
+    elif scenario == "train-save":
+        checkpointing.save_checkpoint(train, 1, dit, optimizer, scheduler, 8, False, log=lambda m: None)
+        model = dit
+        share = _optimizer_bytes(optimizer) + _nbytes(dit)
+    elif scenario == "resume":
+        checkpointing.load_training_state(train, optimizer, scheduler, False, log=lambda m: None)
+        model = dit
+        share = _optimizer_bytes(optimizer)
+    seconds = time.perf_counter() - start
+    dist.barrier()
+    result = {"rank": rank, "growth": _peak() - baseline, "hwm_growth": _status("VmHWM") - baseline,
+              "baseline": baseline, "weights": _nbytes(model), "state": share, "seconds": seconds}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+# --- the driver -------------------------------------------------------------------------------------
+
+
+def write_inputs(work: Path, layers: int, heads: int, head_dim: int, train_heads: int, train_layers: int) -> None:
+    """The official folder and its TP=2 split at real width, and the config of the smaller training model."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from mindspeed_mm.checkpoint.convert import split
+    from mindspeed_mm.tools.dit_weights import official_config, write_tiny_dit
+
+    common = dict(in_channels=64, caption_channels=(6144, 1024), dtype=torch.bfloat16, num_shards=4)
+    if not (work / "transformer" / "config.json").is_file():
+        start = time.perf_counter()
+        write_tiny_dit(work / "transformer", num_layers=layers, num_heads=heads, head_dim=head_dim, **common)
+        print(f"wrote the official folder ({time.perf_counter() - start:.0f} s)", flush=True)
+    if not (work / "megatron_tp2").is_dir():
+        split(work / "transformer", work / "megatron_tp2", tp_size=2, pp_layers=[layers], num_layers=layers,
+              log=lambda m: None)
+        print("wrote the TP=2 split", flush=True)
+    folder = work / "train_config"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = official_config(num_layers=train_layers, num_heads=train_heads, head_dim=head_dim, in_channels=64,
+                             caption_channels=(6144, 1024))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def run_scenario(scenario: str, work: Path, repo: Path, label: str) -> dict:
+    out = work / f"result_{label}_{scenario}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=str(repo), MINDSPEED_MM_DEVICE="cpu", OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore", BENCH_LABEL=label)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           "--rank-scenario", scenario, "--workdir", str(work), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(work))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{scenario} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    shutil.rmtree(out, ignore_errors=True)
+    mean = {key: sum(r[key] for r in ranks) / 2 for key in ("growth", "hwm_growth", "baseline", "weights", "seconds")}
+    if abs(mean["growth"] - mean["hwm_growth"]) > 32 * 2**20:  # ru_maxrss also keeps the peak from before exec
+        print(f"  note: ru_maxrss growth {mean['growth'] / GiB:.2f} GiB, "
+              f"VmHWM growth {mean['hwm_growth'] / GiB:.2f} GiB")
+    mean["state"] = sum(r["state"] for r in ranks) / 2 if ranks[0]["state"] is not None else None
+    return mean
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=48)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--train-heads", type=int, default=16, help="heads of the model saved with Adam state")
+    parser.add_argument("--train-layers", type=int, default=2)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose mindspeed_mm is measured")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mindspeed_mm_load_memory"))
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints for another --repo")
+    parser.add_argument("--rank-scenario", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank_scenario:
+        run_rank(args.rank_scenario, args.workdir, args.out)
+        return
+
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    write_inputs(work, args.layers, args.heads, args.head_dim, args.train_heads, args.train_layers)
+    label = "before" if args.repo.resolve() != REPO else "after"
+    print(f"mindspeed_mm from {args.repo}; TP=2 on 2 gloo ranks; real width {args.heads}x{args.head_dim}, "
+          f"{args.layers} layer(s), bf16; training checkpoint {args.train_heads}x{args.head_dim}, "
+          f"{args.train_layers} layers")
+    print(f"{'scenario':11s} {'share/rank':>10s} {'peak growth':>11s} {'x share':>8s} {'x state':>8s} {'time':>7s}")
+    try:
+        for scenario in args.scenarios:
+            if scenario in ("train-load", "resume") and not (work / f"train_{label}").is_dir():
+                run_scenario("train-save", work, args.repo, label)
+            r = run_scenario(scenario, work, args.repo, label)
+            state = f"{r['growth'] / r['state']:7.2f}x" if r["state"] else f"{'':8s}"
+            print(f"{scenario:11s} {r['weights'] / GiB:7.2f} GiB {r['growth'] / GiB:7.2f} GiB "
+                  f"{r['growth'] / r['weights']:7.2f}x {state} {r['seconds']:6.1f}s", flush=True)
+    finally:
+        for name in (f"train_{label}", f"save_{label}"):
+            shutil.rmtree(work / name, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""`python -m mindspeed_mm.tools.memory_plan`: the launchers' flags and JSON files in, the per-rank plan out.
+
+    python -m mindspeed_mm.tools.memory_plan \\
+        --mm-model examples/stepvideo/t2v/pretrain_t2v_model.json \\
+        --mm-data examples/stepvideo/t2v/data_static_resolution.json \\
+        --tensor-model-parallel-size 8 --context-parallel-size 1 --micro-batch-size 1 --bf16 \\
+        --recompute-granularity full --recompute-method block --recompute-num-layers 48 \\
+        --use-distributed-optimizer --world-size 8 --device-memory-gb 64
+
+Every flag of the launchers is accepted (the same parser); the ones that do not change memory are ignored, and no
+file the JSONs name has to exist (the weights' config files are read when they are there, for the encoders' sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence, Tuple
+
+# The launchers' own checks of flags and configs, without `validate_args`: that also requires every file the JSONs
+# name (weights, data) to exist, which a plan made before the files are in place must not.
+from ...arguments import ArgumentError, _check_era_flags, _reject_unknown, _validate_recompute, build_parser
+from ...arguments import load_mm_configs
+from ...config.aliases import collect_notices
+from ...errors import MindSpeedMMError
+from .dit import DiTShape, Recompute, Workload
+from .encoders import RELEASED_VAE_PARAMETERS, BertShape, StepLLMShape, VAEShape
+from .plan import GIB, Layout, RawVideo, Training, fitting_layouts, layout_problems, plan_memory, smallest_peak
+
+DEFAULT_MARGIN = 0.10
+# The released Video-VAE's widths (AEConfig defaults); other widths are counted on a meta-device build.
+_RELEASED_VAE_WIDTHS = (32, (4, 8, 16, 16), 128, (1, 2, 4, 4), 2, 64, 2)
+
+
+class MemoryPlanError(MindSpeedMMError, ValueError):
+    """Flags or config files the planner cannot plan from; the message names the flag or the file and key."""
+
+    same_on_all_ranks = True
+
+
+def build_planner_parser() -> argparse.ArgumentParser:
+    parser = build_parser(prog="python -m mindspeed_mm.tools.memory_plan")
+    parser.description = "Peak device memory per rank of a StepVideo training step, and the layouts that fit."
+    g = parser.add_argument_group("memory planner")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="ranks in the job (default: --nnodes x --nproc-per-node, else TP x CP)")
+    g.add_argument("--nnodes", type=int, default=None)
+    g.add_argument("--nproc-per-node", type=int, default=None)
+    g.add_argument("--device-memory-gb", type=float, default=None,
+                   help="device memory in GB (2^30 bytes, as nvidia-smi and npu-smi count): list the layouts "
+                        "that fit")
+    g.add_argument("--memory-margin", type=float, default=DEFAULT_MARGIN,
+                   help="fraction of the device memory kept free for what the model leaves out (allocator "
+                        "fragmentation, communication buffers, workspaces); default 0.10")
+    g.add_argument("--entry", dest="plan_entry", choices=("auto", "pretrain", "dpo"), default="auto",
+                   help="what is trained: auto = dpo when the model JSON has a 'dpo' section")
+    g.add_argument("--num-frames", type=int, default=None, help="override the data JSON's num_frames")
+    g.add_argument("--max-height", type=int, default=None, help="override the data JSON's max_height")
+    g.add_argument("--max-width", type=int, default=None, help="override the data JSON's max_width")
+    g.add_argument("--max-layouts", type=int, default=12, help="how many fitting layouts to list")
+    return parser
+
+
+@dataclass
+class PlanInputs:
+    shape: DiTShape
+    workload: Workload
+    layout: Optional[Layout]
+    training: Training
+    raw: Optional[RawVideo]
+    world: int
+    tp_cp: Tuple[int, int]  # the flags' TP and CP
+    problems: List[str]  # why the flags' own layout cannot run (then no numbers for it)
+    video: Tuple[int, int, int]  # pixel frames, height, width
+    vae: VAEShape
+    entry: str
+    notes: List[str]
+
+
+def _world_size(args) -> int:
+    if args.world_size is not None:
+        return args.world_size
+    if args.nnodes is not None or args.nproc_per_node is not None:
+        return (args.nnodes or 1) * (args.nproc_per_node or 1)
+    return args.tensor_model_parallel_size * args.context_parallel_size
+
+
+def _video_size(args) -> Tuple[Tuple[int, int, int], Tuple[str, str, str]]:
+    """(num_frames, max_height, max_width) and where each came from: the flag, else the data JSON."""
+    data = args.mm.data
+    pre = data.dataset_param.preprocess_parameters if data is not None else None
+    values, origins = [], []
+    for key in ("num_frames", "max_height", "max_width"):
+        flag = "--" + key.replace("_", "-")
+        value, origin = getattr(args, key), flag
+        if value is None and pre is not None:
+            value, origin = getattr(pre, key), f"{args.mm_data}: dataset_param.preprocess_parameters.{key}"
+        if value is None:
+            where = (f"{args.mm_data}: dataset_param.preprocess_parameters.{key}" if data is not None
+                     else "--mm-data (the dataset JSON)")
+            raise MemoryPlanError(f"the video size is unknown: {where} is missing; set it or pass {flag}.")
+        if value <= 0:
+            raise MemoryPlanError(f"{origin} {value} must be positive.")
+        values.append(int(value))
+        origins.append(origin)
+    return tuple(values), tuple(origins)
+
+
+def _token_lengths(args) -> Tuple[int, int]:
+    """(step_llm, CLIP) tokens: the tokenizers' model_max_length (data JSON, else model JSON), else 320 and 77."""
+    llm, clip = 320, 77
+    data = args.mm.data
+    tokenizers = (data.dataset_param.tokenizer_config if data is not None else None) or args.mm.model.tokenizer or []
+    for tok in tokenizers:
+        if tok.autotokenizer_name == "stepchat":
+            llm = tok.model_max_length
+        elif tok.autotokenizer_name == "BertTokenizer":
+            clip = tok.model_max_length
+    return llm, clip
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def _vae_parameters(ae) -> Tuple[int, str]:
+    widths = (ae.encoder_ch, tuple(ae.encoder_ch_mult), ae.decoder_ch, tuple(ae.decoder_ch_mult), ae.num_res_blocks,
+              ae.z_channels, ae.version)
+    if widths == _RELEASED_VAE_WIDTHS:
+        return RELEASED_VAE_PARAMETERS, "the released Video-VAE"
+    import torch
+
+    from ...models.ae.networks import VideoDecoder, VideoEncoder
+
+    with torch.device("meta"):
+        parts = (VideoEncoder(ae.encoder_ch, ae.encoder_ch_mult, ae.num_res_blocks, ae.z_channels, ae.version),
+                 VideoDecoder(ae.decoder_ch, ae.decoder_ch_mult, ae.num_res_blocks, ae.z_channels, ae.version))
+    return sum(p.numel() for part in parts for p in part.parameters()), "the ae section's widths"
+
+
+def _dtype_bytes(name: str) -> int:
+    return 4 if name in ("fp32", "float32") else 2
+
+
+def _raw_video(args, vae: VAEShape, video: Tuple[int, int, int], notes: List[str]) -> Optional[RawVideo]:
+    model = args.mm.model
+    if model.load_video_features and model.load_text_features:
+        return None
+    raw = RawVideo(num_frames=video[0], height=video[1], width=video[2])
+    fields = {}
+    if not model.load_video_features:
+        if model.ae is None:
+            raise MemoryPlanError(f"{args.mm_model}: load_video_features is false, so the 'ae' section is needed.")
+        count, source = _vae_parameters(model.ae)
+        notes.append(f"Video-VAE: {count:,} parameters ({source}), {model.ae.dtype}")
+        fields.update(vae=vae, vae_parameters=count, vae_bytes=_dtype_bytes(model.ae.dtype),
+                      vae_tile=model.ae.tile_sample_size if model.ae.use_tiling else None)
+    if not model.load_text_features:
+        encoders = {enc.model_id: enc for enc in (model.text_encoder or [])}
+        llm_cfg, clip_cfg = encoders.get("StepLLmModel"), encoders.get("BertModel")
+        for cfg, shape_cls, name, key in ((llm_cfg, StepLLMShape, "step_llm", "step_llm"),
+                                          (clip_cfg, BertShape, "HunyuanCLIP", "clip")):
+            if cfg is not None:
+                shape, note = _encoder_shape(cfg, shape_cls, name)
+                notes.append(note)
+                fields.update({key: shape, f"{key}_bytes": _dtype_bytes(cfg.dtype)})
+    return replace(raw, **fields)
+
+
+def _encoder_shape(cfg, shape_cls, name: str):
+    """(the encoder's shape from its config.json, or the released one's; a note saying which)."""
+    found = _read_json(os.path.join(cfg.from_pretrained, "config.json"))
+    names = shape_cls.__dataclass_fields__
+    shape = shape_cls(**{k: v for k, v in (found or {}).items() if k in names})
+    source = (os.path.join(cfg.from_pretrained, "config.json") if found else
+              f"the released {name} (no config.json in {cfg.from_pretrained})")
+    return shape, f"{name}: {shape.parameters():,} parameters ({source}), {cfg.dtype}"
+
+
+def plan_inputs(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, PlanInputs]:
+    """Parse the flags and JSON files into the planner's inputs (no file the JSONs name has to exist)."""
+    parser = build_planner_parser()
+    args, unknown = parser.parse_known_args(argv)
+    _reject_unknown(parser, unknown)
+    with collect_notices():
+        args.mm = load_mm_configs(args)
+        _check_era_flags(args)
+    _validate_recompute(args)
+    model = args.mm.model
+    if model is None or model.predictor is None:
+        raise MemoryPlanError("--mm-model is needed, with a 'predictor' section (the DiT's shape).")
+    if args.pipeline_model_parallel_size != 1:
+        raise MemoryPlanError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: only 1 is "
+                              f"supported.")
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    micro_batch = 1 if args.micro_batch_size is None else args.micro_batch_size
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--context-parallel-size", cp),
+                        ("--micro-batch-size", micro_batch)):
+        if value < 1:
+            raise MemoryPlanError(f"{flag} {value} must be at least 1.")
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are mutually exclusive.")
+    if not 0 <= args.memory_margin < 1:
+        raise MemoryPlanError(f"--memory-margin {args.memory_margin} must be in [0, 1).")
+    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
+        raise MemoryPlanError(f"--device-memory-gb {args.device_memory_gb} must be positive.")
+    world = _world_size(args)
+    if world < 1:
+        raise MemoryPlanError(f"--world-size {world} must be at least 1.")
+    entry = ("dpo" if model.dpo is not None else "pretrain") if args.plan_entry == "auto" else args.plan_entry
+    video, origins = _video_size(args)
+    ae = model.ae
+    vae = VAEShape(version=ae.version, frame_len=ae.frame_len) if ae is not None else VAEShape()
+    problem = vae.frames_problem(video[0])
+    if problem:
+        raise MemoryPlanError(f"{origins[0]}: {problem}; choose a frame count the Video-VAE accepts.")
+    problem = vae.size_problem(video[1], video[2])
+    if problem:
+        raise MemoryPlanError(f"{origins[1]} / {origins[2]}: {problem}; choose a size the Video-VAE accepts.")
+    latent_h, latent_w = vae.latent_size(video[1], video[2])
+    llm_tokens, clip_tokens = _token_lengths(args)
+    workload = Workload(batch=micro_batch, latent_frames=vae.latent_frames(video[0]),
+                        latent_height=latent_h, latent_width=latent_w, llm_tokens=llm_tokens,
+                        clip_tokens=clip_tokens)
+    recompute = Recompute()
+    if args.recompute_granularity == "full":
+        recompute = Recompute(args.recompute_method, args.recompute_num_layers)
+    shape = DiTShape.from_config(model.predictor)
+    problems, layout = [], None
+    if world % (tp * cp):
+        problems.append(f"world size {world} is not divisible by TP {tp} x CP {cp} = {tp * cp}")
+        problems += layout_problems(shape, workload, Layout(tp, cp, 1))
+    else:
+        layout = Layout(tp, cp, world // (tp * cp), recompute, bool(args.use_distributed_optimizer))
+    training = Training(dtype_bytes=2 if (args.bf16 or args.fp16) else 4, dpo=entry == "dpo",
+                        optimizer=args.optimizer)
+    notes: List[str] = []
+    raw = _raw_video(args, vae, video, notes)
+    return args, PlanInputs(shape=shape, workload=workload, layout=layout, training=training, raw=raw, world=world,
+                            tp_cp=(tp, cp), problems=problems, video=video, vae=vae, entry=entry, notes=notes)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .report import format_fits, format_plan
+
+    args, inputs = plan_inputs(argv)
+    plan = None
+    if inputs.layout is not None:
+        plan = plan_memory(inputs.shape, inputs.workload, inputs.layout, inputs.training, inputs.raw)
+    print(format_plan(inputs, plan))
+    if args.device_memory_gb is not None:
+        budget = args.device_memory_gb * (1 - args.memory_margin) * GIB
+        fits = fitting_layouts(inputs.shape, inputs.workload, inputs.world, budget, inputs.training, inputs.raw)
+        closest = None if fits else smallest_peak(inputs.shape, inputs.workload, inputs.world, inputs.training,
+                                                  inputs.raw)
+        print(format_fits(inputs, fits, args.device_memory_gb, args.memory_margin, closest, args.max_layouts))
+    return 0
