@@ -19,7 +19,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from mindspeed_mm.arguments import parse_args
+    from mindspeed_mm.arguments import parse_args, sequence_options
     from mindspeed_mm.inference import build_plan, dit_source, run_inference
     from mindspeed_mm.runtime import destroy_runtime, initialize_runtime
 
@@ -29,7 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     dit_source(args)
     owns_runtime = not dist.is_initialized()  # when called from a running job, leave its process group alone
     initialize_runtime(args.tensor_model_parallel_size, args.context_parallel_size, seed=args.seed,
-                       backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
+                       backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes,
+                       sequence=sequence_options(args))
     try:
         with torch.no_grad():
             run_inference(args)

@@ -27,6 +27,7 @@ from .config.tool import MMToolConfig
 from .data.manifest import ManifestError, is_data_list, read_data_list
 from .runtime.initialize import ParallelConfigError, validate_parallel_layout
 from .errors import MindSpeedMMError
+from .parallel.options import CP_ALGOS, SequenceParallelOptions
 
 ENTRY_POINTS = ("pretrain", "inference", "dpo", "feature_extract", "generic")
 
@@ -50,8 +51,13 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--context-parallel-algo", default="ulysses_cp_algo")
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-algo", default="ulysses_cp_algo",
+                   help="ulysses_cp_algo (all-to-all of heads), megatron_cp_algo (ring attention), hybrid_cp_algo "
+                        "(Ulysses inside groups of --ulysses-degree-in-cp ranks, ring across them)")
+    g.add_argument("--ulysses-degree-in-cp", type=int, default=None,
+                   help="hybrid_cp_algo: the Ulysses group size; it divides --context-parallel-size")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split the tokens over the TP group outside the tensor-parallel matmuls (Megatron's)")
     g.add_argument("--distributed-backend", default="nccl", choices=["nccl", "hccl", "gloo"])
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--local-rank", "--local_rank", type=int, default=None,
@@ -80,6 +86,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Megatron DDP: reduce each gradient bucket while the backward pass goes on")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: gather updated parameters during the next forward")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
     g.add_argument("--seed", type=int, default=None,
                    help="default: the inference JSON's pipeline_config.seed, else 1234")
@@ -259,6 +269,45 @@ def _check_data_list(path: str, data_folder: str, where: str) -> None:
                         "data.jsonl).")
 
 
+def sequence_options(args: argparse.Namespace) -> SequenceParallelOptions:
+    """The sequence-parallel choices of the command line, as the runtime takes them."""
+    return SequenceParallelOptions(args.context_parallel_algo, args.ulysses_degree_in_cp,
+                                   bool(args.sequence_parallel) and args.tensor_model_parallel_size > 1)
+
+
+def _ulysses_source(args: argparse.Namespace) -> str:
+    algo = args.context_parallel_algo
+    if algo == "ulysses_cp_algo":
+        return "--context-parallel-algo ulysses_cp_algo: all of --context-parallel-size"
+    if algo == "megatron_cp_algo":
+        return "--context-parallel-algo megatron_cp_algo: none"
+    return "--ulysses-degree-in-cp"
+
+
+def _validate_sequence_parallel(args: argparse.Namespace, tp: int, cp: int) -> None:
+    algo = args.context_parallel_algo
+    if algo not in CP_ALGOS:
+        raise ArgumentError(
+            f"--context-parallel-algo {algo} is not supported; use ulysses_cp_algo (Ulysses, the default), "
+            f"megatron_cp_algo (ring attention) or hybrid_cp_algo (Ulysses x ring, with --ulysses-degree-in-cp)."
+        )
+    u = args.ulysses_degree_in_cp
+    if algo == "hybrid_cp_algo":
+        if u is None or u < 1 or cp % u != 0:
+            raise ArgumentError(
+                f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp, a divisor of "
+                f"--context-parallel-size {cp} (got {u}): CP = Ulysses degree x ring size."
+            )
+    elif u is not None and u != (cp if algo == "ulysses_cp_algo" else 1):
+        add_notice(f"--ulysses-degree-in-cp {u} has no effect with --context-parallel-algo {algo} (it is read by "
+                   f"hybrid_cp_algo only)")
+    if args.sequence_parallel and tp == 1:
+        add_notice("--sequence-parallel has no effect with --tensor-model-parallel-size 1")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce "
+                            "(Megatron's rule): add them, or drop --overlap-param-gather.")
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """Cheap checks that must pass before any model is built."""
     _resolve_run_settings(args)
@@ -274,13 +323,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             f"--virtual-pipeline-model-parallel-size {vpp} needs pipeline parallelism, which is not supported; "
             f"use 1 or drop the flag."
         )
-    if args.context_parallel_algo != "ulysses_cp_algo":
-        raise ArgumentError(
-            f"--context-parallel-algo {args.context_parallel_algo} is not supported; StepVideo uses "
-            f"Ulysses context parallel: pass --context-parallel-algo ulysses_cp_algo."
-        )
-    if args.sequence_parallel:
-        raise ArgumentError("--sequence-parallel is not supported for StepVideo; use --context-parallel-size instead.")
+    _validate_sequence_parallel(args, tp, cp)
     if args.async_save and args.ckpt_format != "torch_dist":
         raise ArgumentError("--async-save writes distributed checkpoints in the background: add --ckpt-format "
                             "torch_dist, or drop --async-save.")
@@ -305,11 +348,15 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     model = args.mm.model
     if model is not None and model.predictor is not None:
         heads = model.predictor.num_heads
-        if heads % (tp * cp) != 0:
+        ulysses = sequence_options(args).ulysses_size(cp)
+        if heads % (tp * ulysses) != 0:
             raise ArgumentError(
                 f"num_heads {heads} in {args.mm_model} (predictor.num_heads) is not divisible by "
-                f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} = {tp * cp}; choose TP and CP "
-                f"whose product divides {heads}."
+                f"--tensor-model-parallel-size {tp} x the Ulysses degree {ulysses} "
+                f"({_ulysses_source(args)}) = {tp * ulysses}: each TP rank holds num_heads/TP heads and "
+                f"Ulysses splits those again. Choose TP and a Ulysses degree whose product divides {heads}, or "
+                f"use ring attention (--context-parallel-algo megatron_cp_algo, or hybrid_cp_algo with "
+                f"--ulysses-degree-in-cp), which does not split heads."
             )
     _check_era_flags(args)
     if args.entry in ("pretrain", "dpo"):

@@ -9,7 +9,7 @@ from mindspeed_mm.config.model import PredictorConfig
 from mindspeed_mm.models import get_model_class
 from mindspeed_mm.models.predictor import StepVideoDiT
 from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
-from mindspeed_mm.models.predictor.stepvideo.parallelize import (check_frames_divisible, check_heads_divisible,
+from mindspeed_mm.models.predictor.stepvideo.parallelize import (check_heads_divisible,
                                                                  plan_for_parameter)
 from mindspeed_mm.runtime import ParallelConfigError
 from mindspeed_mm.tools.dit_weights import official_config, random_official_state_dict, write_tiny_dit
@@ -166,12 +166,10 @@ def test_parallel_constraint_messages():
     with pytest.raises(ParallelConfigError) as err:
         check_heads_divisible(6, 2, 2)
     msg = str(err.value)
-    assert "num_heads 6" in msg and "--tensor-model-parallel-size 2" in msg and "--context-parallel-size 2" in msg
-    assert "model JSON" in msg
-    with pytest.raises(ParallelConfigError, match=r"5 latent frames, which --context-parallel-size 2 does not divide"):
-        check_frames_divisible(5, 2)
+    assert "num_heads 6" in msg and "--tensor-model-parallel-size 2" in msg and "Ulysses degree 2" in msg
+    assert "model JSON" in msg and "megatron_cp_algo" in msg
     check_heads_divisible(48, 8, 2)
-    check_frames_divisible(24, 4)
+    check_heads_divisible(48, 8, 6)  # TP8 x CP12 as Ulysses 6 x ring 2
 
 
 def test_forward_input_errors(tiny):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from . import cpu_adaptor
 from .device import get_device_type, resolve_backend, set_local_device
 from ..errors import MindSpeedMMError
+from ..parallel.options import SequenceParallelOptions, set_sequence_parallel_options
 
 logger = logging.getLogger(__name__)
 
@@ -139,21 +140,36 @@ def initialize_model_parallel(
     context_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     timeout_minutes: int = 10,
+    options: Optional[SequenceParallelOptions] = None,
 ) -> ParallelLayout:
-    """(Re)initialise Megatron-core's parallel_state with TP, CP and DP (PP must be 1)."""
+    """(Re)initialise Megatron-core's parallel_state with TP, CP and DP (PP must be 1).
+
+    `options` says how the sequence is split (`parallel/options.py`). For `hybrid_cp_algo` Megatron-core's
+    hierarchical CP groups are created with sizes [ulysses, ring]: level 0 groups consecutive CP ranks
+    (Ulysses), level 1 strides over them (ring)."""
     from megatron.core import parallel_state
 
+    options = options or SequenceParallelOptions()
     layout = validate_parallel_layout(
         dist.get_world_size(), tensor_model_parallel_size, context_parallel_size, pipeline_model_parallel_size
     )
+    hierarchical = None
+    if options.context_parallel_algo == "hybrid_cp_algo":
+        u = options.ulysses_size(layout.context)
+        if u < 1 or layout.context % u:
+            raise ParallelConfigError(f"--ulysses-degree-in-cp {u} must divide --context-parallel-size "
+                                      f"{layout.context}.")
+        hierarchical = [u, layout.context // u]
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         context_parallel_size=layout.context,
+        hierarchical_context_parallel_sizes=hierarchical,
         distributed_timeout_minutes=timeout_minutes,
     )
+    set_sequence_parallel_options(options)
     return layout
 
 
@@ -183,11 +199,14 @@ def initialize_runtime(
     seed: int = 1234,
     backend: Optional[str] = None,
     timeout_minutes: int = 10,
+    sequence: Optional[SequenceParallelOptions] = None,
 ) -> ParallelLayout:
-    """torch.distributed + parallel_state + seeds, in that order."""
+    """torch.distributed + parallel_state + seeds, in that order. `sequence`: how CP and SP split the tokens
+    (`arguments.sequence_options(args)`); Ulysses CP without sequence parallel when omitted."""
     initialize_distributed(backend=backend, timeout_minutes=timeout_minutes)
+    options = sequence or SequenceParallelOptions()
     layout = initialize_model_parallel(
-        tensor_model_parallel_size, context_parallel_size, pipeline_model_parallel_size, timeout_minutes
+        tensor_model_parallel_size, context_parallel_size, pipeline_model_parallel_size, timeout_minutes, options
     )
     set_random_seed(seed)
     return layout
@@ -198,5 +217,6 @@ def destroy_runtime() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    set_sequence_parallel_options(SequenceParallelOptions())
     if dist.is_initialized():
         dist.destroy_process_group()

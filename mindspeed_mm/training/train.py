@@ -19,6 +19,7 @@ the gradients by it, skips the step on an overflow and adjusts the scale (Megatr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -28,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..arguments import parse_args
+from ..arguments import parse_args, sequence_options
 from .builders import build_pretrain_model, params_dtype
 from .builders import print_rank0 as _print
 from .checkpointing import (
@@ -171,7 +172,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
     args = parse_args(argv, entry=entry)
     initialize_runtime(args.tensor_model_parallel_size, args.context_parallel_size,
                        args.pipeline_model_parallel_size, seed=args.seed, backend=args.distributed_backend,
-                       timeout_minutes=args.distributed_timeout_minutes)
+                       timeout_minutes=args.distributed_timeout_minutes, sequence=sequence_options(args))
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -181,7 +182,8 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
     if args.save and dist.get_world_size() > 1:
         check_shared_folder(args.save)  # before hours of training, not at the first save
     model = (build_model or build_pretrain_model)(args)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+                                               overlap_param_gather=args.overlap_param_gather,
                                                use_distributed_optimizer=args.use_distributed_optimizer)
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     optimizer, scheduler = build_optimizer(args, ddp)
@@ -218,9 +220,13 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
         async_queue = AsyncCallsQueue()
 
     def save() -> None:
+        if args.overlap_param_gather:  # the updated parameters are gathered by the next forward: gather them now
+            ddp.disable_forward_pre_hook(param_sync=True)
         save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed, args.use_distributed_optimizer,
                         args.no_save_optim, args.no_save_rng, records=records, ckpt_format=args.ckpt_format,
                         async_queue=async_queue, log=_print)
+        if args.overlap_param_gather:
+            ddp.enable_forward_pre_hook()
 
     _print(f"training: iterations {iteration} -> {args.train_iters}, global batch {args.global_batch_size} = "
            f"micro-batch {args.micro_batch_size} x {args.num_micro_batches} micro-batches x data parallel {dp_size} "
@@ -234,10 +240,13 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
                 batch = next(batches)
                 for rows in batch.get("skipped_rows", ()):
                     skipped_rows.update((int(line), reason) for line, reason in rows)
-                out = ddp(batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank))
-                loss, extra = out if isinstance(out, tuple) else (out, {})
-                # fp16: scaled by the optimizer's loss scale (1 otherwise); the optimizer unscales the gradients.
-                optimizer.scale_loss(loss.mean() / args.num_micro_batches).backward()
+                # With --overlap-grad-reduce the buckets are reduced during the last micro-batch's backward only.
+                last = micro == args.num_micro_batches - 1
+                with contextlib.nullcontext() if last else ddp.no_sync():
+                    out = ddp(batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank))
+                    loss, extra = out if isinstance(out, tuple) else (out, {})
+                    # fp16: scaled by the optimizer's loss scale (1 otherwise); the optimizer unscales the gradients.
+                    optimizer.scale_loss(loss.mean() / args.num_micro_batches).backward()
                 losses.append(loss.detach().mean())
                 for key, value in extra.items():
                     extras.setdefault(key, []).append(value.detach().float().mean())
@@ -280,6 +289,8 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
         if async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=True)
             async_queue.close()
+        if args.overlap_param_gather:  # leave the module with its updated parameters (callers read them)
+            ddp.disable_forward_pre_hook(param_sync=True)
     finally:
         metrics.close()
     return {"iteration": iteration, "loss": last_loss, "consumed_samples": consumed,

@@ -1,4 +1,5 @@
-"""StepVideoDiT under TP, Ulysses CP and TP x CP on gloo: output and every gradient vs TP=1.
+"""StepVideoDiT under TP (with and without sequence parallel), CP (Ulysses, ring, hybrid) and their products on
+gloo: output and every gradient vs TP=1.
 
 Each rank first computes the single-process reference (TP = CP = 1, same weights and inputs),
 then re-initialises the parallel state with the layout under test and loads the same official
@@ -32,24 +33,29 @@ def _folder(i2v: bool) -> Path:
     return _folders[i2v]
 
 
-def _inputs(i2v: bool):
+# A latent shape whose 3 x 3 x 5 = 45 tokens no split divides: the pad tokens must be masked and dropped.
+ODD = (3, 3, 5)
+
+
+def _inputs(i2v: bool, shape=None):
+    f, h, w = shape or (F, H, W)
     g = torch.Generator().manual_seed(21)
     args = dict(
-        latents=torch.randn(B, F, C, H, W, generator=g),
+        latents=torch.randn(B, f, C, h, w, generator=g),
         timestep=torch.tensor([0.15, 0.9]),
         prompt=[torch.randn(B, 7, 32, generator=g), torch.randn(B, 3, 16, generator=g)],
         prompt_mask=[torch.tensor([[1] * 5 + [0] * 2, [1] * 2 + [0] * 5]), torch.ones(B, 3)],
     )
     if i2v:
-        cond = torch.zeros(B, F, C, H, W)
-        cond[:, 0] = torch.randn(B, C, H, W, generator=g)
+        cond = torch.zeros(B, f, C, h, w)
+        cond[:, 0] = torch.randn(B, C, h, w, generator=g)
         args.update(image_latents=cond, motion_score=torch.tensor([5.0, 3.0]))
-    upstream = torch.randn(B, F, C, H, W, generator=g)
+    upstream = torch.randn(B, f, C, h, w, generator=g)
     return args, upstream
 
 
-def _step(model, i2v):
-    args, upstream = _inputs(i2v)
+def _step(model, i2v, shape=None):
+    args, upstream = _inputs(i2v, shape)
     args["latents"] = args["latents"].requires_grad_(True)
     if i2v:
         args["image_latents"] = args["image_latents"].requires_grad_(True)
@@ -63,17 +69,17 @@ def _step(model, i2v):
     return out.detach(), grads, inputs
 
 
-def _reference(i2v: bool):
+def _reference(i2v: bool, shape=None):
     from mindspeed_mm.models.predictor import StepVideoDiT
     from mindspeed_mm.runtime import initialize_model_parallel, set_random_seed
 
-    if i2v not in _references:
+    if (i2v, shape) not in _references:
         initialize_model_parallel()
         set_random_seed(1234)
         model = StepVideoDiT.from_pretrained(_folder(i2v), dtype="fp32")
         assert model.parallel.initialized and model.parallel.tp == 1
-        _references[i2v] = _step(model, i2v)
-    return _references[i2v]
+        _references[i2v, shape] = _step(model, i2v, shape)
+    return _references[i2v, shape]
 
 
 def _close(name, got, want, rtol=1e-4):
@@ -113,22 +119,27 @@ def _check_tp_attributes(model):
         assert marked == split, f"{key}: split over TP {split}, marked tensor_model_parallel {marked}"
 
 
-def _check_layout(tp: int, cp: int):
+def _check_layout(tp: int, cp: int, algo: str = "ulysses_cp_algo", ulysses=None, sp: bool = False, shape=None,
+                  recompute_modes=RECOMPUTE):
     from mindspeed_mm.models.predictor import StepVideoDiT
+    from mindspeed_mm.parallel.options import SequenceParallelOptions
     from mindspeed_mm.runtime import initialize_model_parallel, set_random_seed
 
+    options = SequenceParallelOptions(algo, ulysses, sp)
     for i2v in (False, True):
-        ref_out, ref_grads, ref_inputs = _reference(i2v)
-        initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        ref_out, ref_grads, ref_inputs = _reference(i2v, shape)
+        initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp, options=options)
         set_random_seed(1234)
         model = StepVideoDiT.from_pretrained(_folder(i2v), dtype="fp32")
-        assert (model.parallel.tp, model.parallel.cp) == (tp, cp)
+        state = model.parallel
+        assert (state.tp, state.cp, state.sequence_parallel) == (tp, cp, sp)
+        assert (state.ulysses, state.ring) == (options.ulysses_size(cp), options.ring_size(cp))
         assert set(model.state_dict()) == set(ref_grads), "parameter names differ from TP=1"
         _check_tp_attributes(model)
-        for recompute in RECOMPUTE:
+        for recompute in recompute_modes:
             model.configure_recompute(*(recompute or (None,)))
-            tag = f"tp{tp} cp{cp} {'i2v' if i2v else 't2v'} recompute={recompute}"
-            out, grads, inputs = _step(model, i2v)
+            tag = f"tp{tp} cp{cp} {algo} u={state.ulysses} sp={sp} {'i2v' if i2v else 't2v'} recompute={recompute}"
+            out, grads, inputs = _step(model, i2v, shape)
             _close(f"{tag} output", out, ref_out)
             for name, want in inputs.items():
                 _close(f"{tag} d{name}", inputs[name], want)
@@ -200,29 +211,59 @@ def case_converter_tp2_split_loads_like_official_tp1():
 
 
 @dist_case(world_size=2)
-def case_cp2_constraint_errors():
+def case_cp2_heads_constraint_error():
     from mindspeed_mm.config.model import PredictorConfig
     from mindspeed_mm.models.predictor import StepVideoDiT
     from mindspeed_mm.runtime import ParallelConfigError, initialize_model_parallel
 
     initialize_model_parallel(context_parallel_size=2)
-    model = StepVideoDiT.from_pretrained(_folder(False), dtype="fp32")
-    args, _ = _inputs(False)
-    args["latents"] = args["latents"][:, :3]
-    try:
-        model(**args)
-    except ParallelConfigError as exc:
-        assert "3 latent frames" in str(exc) and "--context-parallel-size 2" in str(exc), exc
-    else:
-        raise AssertionError("3 latent frames with CP=2 did not raise")
     try:
         StepVideoDiT(PredictorConfig(num_layers=1, num_heads=3, head_dim=16, channel_split=[8, 4, 4],
                                      in_channels=8, out_channels=8, caption_channels=[32, 16], dtype="fp32"))
     except ParallelConfigError as exc:
         msg = str(exc)
-        assert "num_heads 3" in msg and "--tensor-model-parallel-size 1" in msg and "--context-parallel-size 2" in msg
+        assert "num_heads 3" in msg and "--tensor-model-parallel-size 1" in msg and "Ulysses degree 2" in msg
     else:
         raise AssertionError("num_heads 3 with CP=2 did not raise")
+
+
+@dist_case(world_size=2)
+def case_cp2_pads_tokens_that_do_not_divide():
+    _check_layout(1, 2, shape=ODD, recompute_modes=[None])
+
+
+@dist_case(world_size=2)
+def case_tp2_sequence_parallel_matches_tp1():
+    _check_layout(2, 1, sp=True)
+    _check_layout(2, 1, sp=True, shape=ODD, recompute_modes=[None])
+
+
+@dist_case(world_size=2)
+def case_ring_cp2_matches_tp1():
+    _check_layout(1, 2, algo="megatron_cp_algo")
+    _check_layout(1, 2, algo="megatron_cp_algo", shape=ODD, recompute_modes=[None])
+
+
+@dist_case(world_size=4)
+def case_ring_cp4_matches_tp1():
+    _check_layout(1, 4, algo="megatron_cp_algo")
+
+
+@dist_case(world_size=4)
+def case_hybrid_cp4_matches_tp1():
+    _check_layout(1, 4, algo="hybrid_cp_algo", ulysses=2)
+    _check_layout(1, 4, algo="hybrid_cp_algo", ulysses=2, shape=ODD, recompute_modes=[None])
+
+
+@dist_case(world_size=4)
+def case_tp2_sp_ring_cp2_matches_tp1():
+    _check_layout(2, 2, algo="megatron_cp_algo", sp=True, shape=ODD, recompute_modes=[None, ("full", "block", 1)])
+
+
+@dist_case(world_size=8)
+def case_tp2_sp_hybrid_cp4_matches_tp1():
+    _check_layout(2, 4, algo="hybrid_cp_algo", ulysses=2, sp=True)
+    _check_layout(2, 4, algo="hybrid_cp_algo", ulysses=2, sp=True, shape=ODD, recompute_modes=[None])
 
 
 @dist_case(world_size=4)
@@ -242,6 +283,12 @@ def case_tp2_cp2_heads_constraint():
         assert "num_heads 2" in msg and "= 4" in msg and "model JSON" in msg, msg
     else:
         raise AssertionError("num_heads 2 with TP2 x CP2 did not raise")
+    # Ring attention does not split heads: the same 2 heads run at TP2 x ring CP2.
+    from mindspeed_mm.parallel.options import SequenceParallelOptions
+
+    initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2,
+                              options=SequenceParallelOptions("megatron_cp_algo"))
+    assert StepVideoDiT.from_pretrained(folder, dtype="fp32").parallel.ring == 2
 
 
 test_distributed = pytest_cases(globals())

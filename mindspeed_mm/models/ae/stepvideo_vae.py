@@ -5,6 +5,8 @@ Contract (docs/api.md, VAE section):
   (b, t, z, h, w). The video is cut into `frame_len`-frame chunks, each encoded from a fresh
   causal start; the posterior is sampled (mean + exp(logvar / 2) * N(0, 1), logvar clamped to
   [-30, 20]) as the official code does; `sample=False` returns the mean. No latent scaling.
+  `encode_distribution(video) -> (mean, std)` is its deterministic part and `sample(mean, std,
+  generator)` its draw (`draw_eps` draws the same eps ahead), for encoding shared over ranks.
 - `decode(latents, group=...)`: latents (b, t, z, h, w) -> video (b, T, 3, H, W). Latents are
   cut into `latent_len`-latent chunks decoded independently, then `mix()` blends each chunk
   boundary. With a process group of several ranks each rank decodes its share of chunks and
@@ -18,7 +20,7 @@ Version 1 (`vae.safetensors`): z = 16, 8x spatial, 17 frames -> 5 latents, whole
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -250,6 +252,35 @@ class StepVideoVAE(nn.Module):
         video = video.to(device=self.device, dtype=self.dtype)
         return torch.cat([self._encode_chunk(c) for c in video.split(self.frame_len, dim=1)], dim=1)
 
+    def latent_shape(self, video_shape: Sequence[int]) -> Tuple[int, ...]:
+        """The latent shape (b, t, z, h, w) that `encode` gives for a video of shape (b, T, 3, H, W)."""
+        b, t, _, h, w = video_shape
+        s = self.spatial_factor
+        return (b, self.latent_frames(t), self.z_channels, h // s, w // s)
+
+    @torch.no_grad()
+    def encode_distribution(self, video: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The posterior of `video` (b, T, 3, H, W): (mean, std), each (b, t, z, h, w) in the VAE's dtype, with
+        std = exp(logvar / 2), logvar clamped to [-30, 20]. Deterministic: `encode` is `sample(*this, generator)`."""
+        mean, logvar = self.encode_moments(video).chunk(2, dim=2)
+        return mean, torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
+
+    @staticmethod
+    def draw_eps(shape: Sequence[int], generator: Optional[torch.Generator] = None,
+                 device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        """The N(0, 1) draw of `sample` for latents of `shape`: float32, on the generator's device (else `device`).
+        Drawn before the posterior is computed, it is the same draw: the encoder uses no random numbers."""
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32)
+
+    @staticmethod
+    def sample(mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator] = None,
+               eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mean + std * eps, eps from `draw_eps(mean.shape, generator)` unless given."""
+        if eps is None:
+            eps = StepVideoVAE.draw_eps(mean.shape, generator, mean.device)
+        return mean + std * eps.to(device=mean.device, dtype=mean.dtype)
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor, sample: bool = True,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -257,16 +288,12 @@ class StepVideoVAE(nn.Module):
 
         `sample=True` (the official behaviour) draws mean + std * eps, eps ~ N(0, 1) from
         `generator` (or the global RNG) in float32, one draw for the whole latent tensor;
-        `sample=False` returns the posterior mean.
+        `sample=False` returns the posterior mean. Equal, bit for bit and in the generator's use, to
+        `sample(*encode_distribution(video), generator)`.
         """
-        moments = self.encode_moments(video)
-        mean, logvar = moments.chunk(2, dim=2)
         if not sample:
-            return mean.contiguous()
-        logvar = logvar.clamp(*LOGVAR_RANGE)
-        gen_device = generator.device if generator is not None else mean.device
-        eps = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
-        return mean + torch.exp(0.5 * logvar) * eps.to(device=mean.device, dtype=mean.dtype)
+            return self.encode_moments(video).chunk(2, dim=2)[0].contiguous()
+        return self.sample(*self.encode_distribution(video), generator=generator)
 
     # ---- decode ------------------------------------------------------------------------------
 

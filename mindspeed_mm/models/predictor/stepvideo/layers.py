@@ -16,7 +16,7 @@ from torch import nn
 from mindspeed_mm.models.common.attention import attention
 from mindspeed_mm.parallel import UlyssesAttention
 
-from .parallelize import ParallelState, build_linear, linear
+from .parallelize import ParallelState, build_linear, linear, tp_shared
 
 # LayerNorm eps of the blocks' norm1/norm2 (nn.LayerNorm's default in the official blocks).
 BLOCK_NORM_EPS = 1e-5
@@ -59,25 +59,22 @@ class RMSNorm(nn.Module):
 # --- rotary position embedding (3D) ---------------------------------------------------------
 
 
-def rope_cos_sin(frame_start: int, frames: int, height: int, width: int, channel_split: Sequence[int],
+def rope_cos_sin(token_start: int, count: int, frames: int, height: int, width: int, channel_split: Sequence[int],
                  dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (frames*height*width, head_dim) for tokens in frame-major order.
+    """cos and sin tables (count, head_dim) for the tokens [token_start, token_start + count) of the frame-major
+    sequence of frames*height*width tokens.
 
     Axis i (frame, row, column) rotates its own channel_split[i] channels with
     inv_freq = 1/theta^(arange(0, D_i, 2)/D_i). The angles are cast to `dtype` before cos/sin,
-    as the official code does (a bf16 rounding in bf16 runs). `frame_start` is the global
-    index of the first frame, so context-parallel ranks get their frames' positions.
+    as the official code does (a bf16 rounding in bf16 runs). Token indices past the sequence (the pad tokens
+    of the context/sequence-parallel split) get the last token's position; their results are never used.
     """
-    grids = torch.meshgrid(
-        torch.arange(frame_start, frame_start + frames, device=device),
-        torch.arange(height, device=device),
-        torch.arange(width, device=device),
-        indexing="ij",
-    )
+    index = torch.arange(token_start, token_start + count, device=device).clamp(max=frames * height * width - 1)
+    positions = (index // (height * width), (index // width) % height, index % width)
     cos, sin = [], []
     for axis, dim in enumerate(channel_split):
         inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, device=device).float() / dim))
-        pos = grids[axis].reshape(-1).float()
+        pos = positions[axis].float()
         angles = (pos[:, None] * inv_freq[None, :]).to(dtype)
         angles = torch.cat([angles, angles], dim=-1)
         cos.append(angles.cos())
@@ -197,19 +194,20 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
         self.k_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
         self.proj_out = build_linear("attn1.proj_out", dim, dim, False, mconfig, state, device)
-        # Ulysses context parallel: all-to-all around the core (a pass-through when CP = 1).
-        self._core = UlyssesAttention(core, state.cp_group) if state.cp > 1 else None
-        self._plain_core = core
+        self._core = context_parallel_core(core, state)
 
-    def forward(self, x, cos, sin):
-        b, s, _ = x.shape
-        q, k, v = linear(self.proj_qkv, x).chunk(3, dim=-1)
+    def forward(self, x, cos, sin, key_mask=None):
+        """x: this rank's tokens (b, s_local, D); key_mask (b, s_cp) marks the real tokens of this CP rank's
+        chunk when the split padded it, else None."""
+        qkv = linear(self.proj_qkv, x)  # with sequence parallel: all of the CP chunk's tokens
+        b, s, _ = qkv.shape
+        q, k, v = qkv.chunk(3, dim=-1)
         q = self.q_norm(q.reshape(b, s, self.heads_local, self.head_dim))
         k = self.k_norm(k.reshape(b, s, self.heads_local, self.head_dim))
         v = v.reshape(b, s, self.heads_local, self.head_dim)
         q = apply_rope(q, cos, sin, self.channel_split)
         k = apply_rope(k, cos, sin, self.channel_split)
-        out = self._core(q, k, v) if self._core is not None else self._plain_core(q, k, v, None)
+        out = self._core(q, k, v, key_mask)
         return linear(self.proj_out, out.reshape(b, s, -1))
 
 
@@ -228,8 +226,9 @@ class CrossAttention(nn.Module):
         self._core = core
 
     def forward(self, x, text, key_mask):
-        b, s, _ = x.shape
-        q = self.q_norm(linear(self.proj_q, x).reshape(b, s, self.heads_local, self.head_dim))
+        q = linear(self.proj_q, x)  # with sequence parallel: all of the CP chunk's tokens
+        b, s, _ = q.shape
+        q = self.q_norm(q.reshape(b, s, self.heads_local, self.head_dim))
         k, v = linear(self.proj_kv, text).chunk(2, dim=-1)
         k = self.k_norm(k.reshape(b, text.shape[1], self.heads_local, self.head_dim))
         v = v.reshape(b, text.shape[1], self.heads_local, self.head_dim)
@@ -289,12 +288,34 @@ class StepVideoTransformerBlock(nn.Module):
                                     state, device, dtype)
         self.ff = FeedForward(dim, dropout, mconfig, state, device)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim, device=device, dtype=dtype) / dim ** 0.5)
+        self._state = state
 
-    def forward(self, x, text, modulation, key_mask, cos, sin):
-        mod = self.scale_shift_table[None] + modulation.reshape(-1, 6, self.dim)
+    def forward(self, x, text, modulation, key_mask, cos, sin, token_mask=None):
+        """key_mask: the text keys' mask; token_mask: the real tokens of the CP chunk (None without padding)."""
+        state = self._state
+        mod = tp_shared(self.scale_shift_table[None] + modulation.reshape(-1, 6, self.dim), state)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = gate_msa * self.attn1(h, cos, sin) + x
+        h = layer_norm(self.norm1, x, state) * (1 + scale_msa) + shift_msa
+        x = gate_msa * self.attn1(h, cos, sin, token_mask) + x
         x = self.attn2(x, text, key_mask) + x
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        h = layer_norm(self.norm2, x, state) * (1 + scale_mlp) + shift_mlp
         return gate_mlp * self.ff(h) + x
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """`norm(x)`, with its weights' gradient all-reduced over TP under sequence parallel (`tp_shared`)."""
+    if not state.sequence_parallel or norm.weight is None:
+        return norm(x)
+    return F.layer_norm(x, norm.normalized_shape, tp_shared(norm.weight, state), tp_shared(norm.bias, state),
+                        norm.eps)
+
+
+def context_parallel_core(core: CoreAttention, state: ParallelState) -> CoreAttention:
+    """The self-attention core over the CP group: Ulysses, ring, or Ulysses inside ring (parallelize.py)."""
+    if state.ring > 1:
+        from mindspeed_mm.parallel.ring import RingAttention
+
+        core = RingAttention(state.ring_group)
+    if state.ulysses > 1:
+        core = UlyssesAttention(core, state.ulysses_group)
+    return core

@@ -1,4 +1,4 @@
-"""StepVideoDiT: the StepVideo 30B video diffusion transformer (t2v and i2v), TP + Ulysses CP.
+"""StepVideoDiT: the StepVideo 30B video diffusion transformer (t2v and i2v), TP (+SP) and CP (Ulysses, ring).
 
 Forward contract (see docs/api.md):
 
@@ -23,6 +23,7 @@ import logging
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
@@ -33,9 +34,9 @@ from mindspeed_mm.models.registry import register_model
 from mindspeed_mm.runtime.device import current_device
 
 from .layers import (AdaLayerNormSingle, PatchEmbed, StepVideoTransformerBlock, TextProjection,
-                     core_attention_fn, rope_cos_sin)
-from .parallelize import (check_frames_divisible, check_heads_divisible, cp_gather_frames, cp_split_frames,
-                          current_parallel_state, megatron_config)
+                     core_attention_fn, layer_norm, rope_cos_sin)
+from .parallelize import (check_heads_divisible, current_parallel_state, megatron_config, padded_tokens,
+                          shard_tokens, tp_shared, unshard_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class StepVideoDiT(MegatronModule):
                  perform_initialization: bool = True):
         config.validate()
         state = current_parallel_state()
-        check_heads_divisible(config.num_heads, state.tp, state.cp)
+        check_heads_divisible(config.num_heads, state.tp, state.ulysses)
         dtype = torch_dtype(config.dtype)
         super().__init__(megatron_config(config.num_layers, config.num_heads, config.head_dim, dtype, state,
                                          perform_initialization))
@@ -177,32 +178,41 @@ class StepVideoDiT(MegatronModule):
         llm_states, clip_states, llm_mask = self._check_inputs(latents, prompt, prompt_mask, image_latents,
                                                                motion_score)
         b, frames, _, height, width = latents.shape
-        check_frames_divisible(frames, state.cp)
         dtype, device = self.dtype, latents.device
         x = latents.to(dtype)
         if cfg.use_additional_conditions:
             x = torch.cat([x, image_latents.to(dtype)], dim=2)
-        x = cp_split_frames(x, state)
-        local_frames = frames // state.cp
         p = cfg.patch_size
         h, w = height // p, width // p
-        tokens = self.pos_embed(x.reshape(b * local_frames, x.shape[2], height, width))
-        tokens = tokens.reshape(b, local_frames * h * w, cfg.hidden_size)
+        tokens = self.pos_embed(x.reshape(b * frames, x.shape[2], height, width))
+        tokens = tokens.reshape(b, frames * h * w, cfg.hidden_size)
+        # The token split of context and sequence parallel (parallelize.py): pad, keep this rank's chunk.
+        s = tokens.shape[1]
+        s_pad = padded_tokens(s, state)
+        if s_pad > s:
+            tokens = F.pad(tokens, (0, 0, 0, s_pad - s))
+        tokens = shard_tokens(tokens, state)
+        s_cp = s_pad // state.cp  # the tokens of this CP rank: what attention sees, and RoPE covers
+        first = state.cp_rank * s_cp
+        token_mask = None
+        if s_pad > s:
+            token_mask = (torch.arange(first, first + s_cp, device=device) < s)[None].expand(b, -1)
 
         t = self._timestep(timestep, b, device)
         motion = self._motion_score(motion_score, b, device) if cfg.use_additional_conditions else None
         modulation, embedded = self.adaln_single(t, motion)
 
         text, key_mask = self._crop_text(self.text_states(llm_states, clip_states), llm_mask, clip_states.shape[1])
-        cos, sin = rope_cos_sin(state.cp_rank * local_frames, local_frames, h, w, cfg.channel_split, dtype, device)
-        tokens = self._run_blocks(tokens, text, modulation, key_mask, cos, sin)
+        cos, sin = rope_cos_sin(first, s_cp, frames, h, w, cfg.channel_split, dtype, device)
+        tokens = self._run_blocks(tokens, text, modulation, key_mask, cos, sin, token_mask)
 
-        shift, scale = (self.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)
-        out = self.proj_out(self.norm_out(tokens) * (1 + scale) + shift)
+        shift, scale = tp_shared(self.scale_shift_table[None] + embedded[:, None], state).chunk(2, dim=1)
+        hidden = layer_norm(self.norm_out, tokens, state) * (1 + scale) + shift
+        out = F.linear(hidden, tp_shared(self.proj_out.weight, state), tp_shared(self.proj_out.bias, state))
+        out = unshard_tokens(out, state)[:, :s]
         c = cfg.out_channels
-        out = out.reshape(b, local_frames, h, w, p, p, c).permute(0, 1, 6, 2, 4, 3, 5)
-        out = out.reshape(b, local_frames, c, h * p, w * p)
-        return cp_gather_frames(out, state)
+        out = out.reshape(b, frames, h, w, p, p, c).permute(0, 1, 6, 2, 4, 3, 5)
+        return out.reshape(b, frames, c, h * p, w * p)
 
     def _check_inputs(self, latents, prompt, prompt_mask, image_latents, motion_score):
         cfg = self.predictor_config
@@ -278,30 +288,31 @@ class StepVideoDiT(MegatronModule):
         key_mask = torch.arange(max_kv, device=text.device)[None, :] < kv_len.to(text.device)[:, None]
         return text[:, :max_kv], key_mask
 
-    def _run_blocks(self, x, text, modulation, key_mask, cos, sin):
+    def _run_blocks(self, x, *args):
+        """args: text, modulation, key_mask, cos, sin, token_mask (StepVideoTransformerBlock.forward)."""
         blocks = self.transformer_blocks
         if self.recompute_granularity != "full" or not torch.is_grad_enabled():
             for block in blocks:
-                x = block(x, text, modulation, key_mask, cos, sin)
+                x = block(x, *args)
             return x
         n = self.recompute_num_layers
         if self.recompute_method == "uniform":
             for start in range(0, len(blocks), n):
-                x = self._checkpointed(start, min(start + n, len(blocks)), x, text, modulation, key_mask, cos, sin)
+                x = self._checkpointed(start, min(start + n, len(blocks)), x, *args)
             return x
         for i, block in enumerate(blocks):  # "block": the first n blocks, each on its own
             if i < n:
-                x = self._checkpointed(i, i + 1, x, text, modulation, key_mask, cos, sin)
+                x = self._checkpointed(i, i + 1, x, *args)
             else:
-                x = block(x, text, modulation, key_mask, cos, sin)
+                x = block(x, *args)
         return x
 
     def _checkpointed(self, start: int, end: int, *args):
         blocks = self.transformer_blocks
 
-        def run(x, text, modulation, key_mask, cos, sin):
+        def run(x, *rest):
             for block in blocks[start:end]:
-                x = block(x, text, modulation, key_mask, cos, sin)
+                x = block(x, *rest)
             return x
 
         if self.parallel.initialized:

@@ -19,19 +19,33 @@ The q/k RMSNorm weights are replicated but act on this rank's heads only, so the
 is all-reduced over TP inside the model (layers.RMSNorm); every replicated parameter then
 holds the same full gradient on every TP rank.
 
-Context parallel (CP, Ulysses), decided for this project:
-- every CP rank receives the full latents; the DiT keeps its slice of the latent frame axis
-  (dim 1 of (b, f, c, h, w)) with `split_forward_gather_backward(grad_scale="down")`; i2v
-  condition latents are split the same way;
-- RoPE positions are the global frame indices of the local frames;
-- self-attention trades sequence shards for head shards with an all-to-all (Ulysses);
-  cross-attention stays local (local queries against the full text, local TP heads);
-- the output is gathered with `gather_forward_split_backward(grad_scale="up")`, so the loss
+Context parallel (CP) and sequence parallel (SP), decided for this project:
+- the token split: the latents are patch-embedded on every rank into the frame-major token stream
+  (b, s = f*h*w, D), padded at the end to a multiple of the ranks that split it (CP, x TP with
+  --sequence-parallel), and each rank keeps its contiguous chunk: CP rank c the c-th of CP chunks,
+  TP rank t (with SP) the t-th part of that. Tokens, not frames: 36 latent frames at 204 video frames
+  do not divide by CP 8, but 36 x 34 x 62 = 75,888 tokens do; when they do not, the pad tokens are
+  masked out as self-attention keys and dropped from the output (their outputs get no gradient).
+  `split_forward_gather_backward(grad_scale="down")` over CP, exact over TP;
+- RoPE positions are the (frame, row, column) of each local token's global index;
+- with SP, each block's LayerNorms, modulation and residual adds run on s/(CP*TP) tokens; the column
+  layers that read the token stream (attn1.proj_qkv, attn2.proj_q, ff.net.0.proj) all-gather it over
+  TP and the row layers reduce-scatter back (Megatron-core's sequence-parallel linears); attn2.proj_kv
+  reads the text and adaln_single.linear the timestep embedding, so they are not sequence parallel.
+  The replicated tensors used on a rank's tokens (norm weights, the modulation, the final layer's
+  weights) go through `tp_shared`, which all-reduces their gradient over TP;
+- self-attention on the CP chunk: Ulysses trades sequence shards for head shards with an all-to-all
+  over the Ulysses group; ring attention passes K/V blocks around the ring group and merges with
+  log-sum-exp (`parallel/ring.py`); the hybrid does Ulysses inside groups of consecutive CP ranks
+  and ring across them, so after the all-to-all each rank holds a contiguous block of the sequence.
+  Cross-attention stays local (local queries against the full text, local TP heads);
+- the output is gathered with `gather_forward_split_backward(grad_scale="up")` over CP, so the loss
   is computed on the full output on every CP rank and averaging a parameter's gradient over
   the CP group (what Megatron DDP does over data x context parallel) gives the
   single-process gradient.
 
-Constraints: num_heads % (TP * CP) == 0 and latent frames % CP == 0.
+Constraint: num_heads % (TP * Ulysses degree) == 0 (Ulysses degree: CP for ulysses_cp_algo, 1 for
+megatron_cp_algo, --ulysses-degree-in-cp for hybrid_cp_algo).
 
 In a plain process where Megatron's parallel state is not initialised, TP = CP = 1 and the
 planned layers are ordinary `nn.Linear`s with the same parameter names; no torch.distributed
@@ -40,6 +54,7 @@ is needed. Once the parallel state exists, Megatron-core's Column/RowParallelLin
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -53,8 +68,8 @@ from mindspeed_mm.runtime.initialize import ParallelConfigError
 TP_FLAG = "--tensor-model-parallel-size"
 CP_FLAG = "--context-parallel-size"
 
-# Dimension of (b, f, c, h, w) latents that context parallel splits: the latent frame axis.
-CP_FRAME_DIM = 1
+# Dimension of the (b, s, D) token stream that context and sequence parallel split.
+TOKEN_DIM = 1
 
 
 @dataclass(frozen=True)
@@ -64,17 +79,21 @@ class LinearPlan:
     style: str  # "column" (output features split) or "row" (input features split)
     fused: int = 1  # column only: the weight stacks this many equal parts, each split on its own
     gather_output: bool = False  # column only: all ranks get the full output
+    # Under --sequence-parallel the layer's token axis is split over TP outside it: a column layer all-gathers its
+    # input (reduce-scatters the input gradient), a row layer reduce-scatters its output. False for the layers
+    # whose input is not the token stream (the text, the timestep embedding).
+    sequence_parallel: bool = True
 
 
 TP_PLAN: Dict[str, LinearPlan] = {
     "attn1.proj_qkv": LinearPlan("column", fused=3),
     "attn1.proj_out": LinearPlan("row"),
     "attn2.proj_q": LinearPlan("column"),
-    "attn2.proj_kv": LinearPlan("column", fused=2),
+    "attn2.proj_kv": LinearPlan("column", fused=2, sequence_parallel=False),
     "attn2.proj_out": LinearPlan("row"),
     "ff.net.0.proj": LinearPlan("column"),
     "ff.net.2": LinearPlan("row"),
-    "adaln_single.linear": LinearPlan("column", gather_output=True),
+    "adaln_single.linear": LinearPlan("column", gather_output=True, sequence_parallel=False),
 }
 
 
@@ -104,7 +123,11 @@ def split_dim(plan: LinearPlan, leaf: str) -> Optional[int]:
 
 @dataclass(frozen=True)
 class ParallelState:
-    """TP and CP sizes, ranks and groups of this process (all trivial in a plain process)."""
+    """TP and CP sizes, ranks and groups of this process, and how the tokens are split (all trivial in a plain
+    process).
+
+    CP runs as Ulysses over `ulysses_group` (`ulysses` ranks) inside, ring attention over `ring_group` (`ring`
+    ranks) across: Ulysses alone is ulysses = cp, ring alone ring = cp, hybrid both."""
 
     tp: int = 1
     tp_rank: int = 0
@@ -113,42 +136,53 @@ class ParallelState:
     cp_rank: int = 0
     cp_group: Any = None
     initialized: bool = False
+    sequence_parallel: bool = False
+    ulysses: int = 1
+    ulysses_group: Any = None
+    ring: int = 1
+    ring_group: Any = None
+
+    @property
+    def token_shards(self) -> int:
+        """Ranks the token axis is split over outside the matmuls: CP, times TP with sequence parallel."""
+        return self.cp * (self.tp if self.sequence_parallel else 1)
 
 
 def current_parallel_state() -> ParallelState:
-    """Read TP/CP from Megatron's parallel_state when it is initialised, else TP = CP = 1."""
+    """Read TP/CP from Megatron's parallel_state (and the CP algorithm and sequence parallel from
+    `parallel.options`) when it is initialised, else TP = CP = 1."""
     from megatron.core import parallel_state as ps
+
+    from mindspeed_mm.parallel.options import get_sequence_parallel_options
 
     if not ps.model_parallel_is_initialized():
         return ParallelState()
+    options = get_sequence_parallel_options()
+    tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+    cp_group = ps.get_context_parallel_group()
+    ulysses = options.ulysses_size(cp)
+    ulysses_group, ring_group = cp_group, None
+    if ulysses == 1:
+        ulysses_group, ring_group = None, cp_group
+    elif ulysses < cp:
+        ulysses_group, ring_group = ps.get_hierarchical_context_parallel_groups()
     return ParallelState(
-        tp=ps.get_tensor_model_parallel_world_size(),
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        tp_group=ps.get_tensor_model_parallel_group(),
-        cp=ps.get_context_parallel_world_size(),
-        cp_rank=ps.get_context_parallel_rank(),
-        cp_group=ps.get_context_parallel_group(),
-        initialized=True,
+        tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(), tp_group=ps.get_tensor_model_parallel_group(),
+        cp=cp, cp_rank=ps.get_context_parallel_rank(), cp_group=cp_group, initialized=True,
+        sequence_parallel=options.sequence_parallel and tp > 1,
+        ulysses=ulysses, ulysses_group=ulysses_group if ulysses > 1 else None,
+        ring=cp // ulysses, ring_group=ring_group if cp // ulysses > 1 else None,
     )
 
 
-def check_heads_divisible(num_heads: int, tp: int, cp: int) -> None:
-    if num_heads % (tp * cp) != 0:
+def check_heads_divisible(num_heads: int, tp: int, ulysses: int) -> None:
+    if num_heads % (tp * ulysses) != 0:
         raise ParallelConfigError(
             f"num_heads {num_heads} (predictor.num_heads in the model JSON) is not divisible by "
-            f"{TP_FLAG} {tp} x {CP_FLAG} {cp} = {tp * cp}: each TP rank holds num_heads/TP heads "
-            f"and Ulysses context parallel splits those again over CP. Choose TP and CP whose "
-            f"product divides {num_heads}."
-        )
-
-
-def check_frames_divisible(frames: int, cp: int) -> None:
-    if frames % cp != 0:
-        raise ParallelConfigError(
-            f"the latents have {frames} latent frames, which {CP_FLAG} {cp} does not divide: "
-            f"context parallel splits the latent frame axis evenly over the CP ranks. Use a "
-            f"{CP_FLAG} that divides {frames}, or a frame count (num_frames in the data JSON) "
-            f"whose latent frame count is a multiple of {cp}."
+            f"{TP_FLAG} {tp} x the Ulysses degree {ulysses} = {tp * ulysses}: each TP rank holds num_heads/TP "
+            f"heads and Ulysses context parallel splits those again. Choose TP and CP whose product divides "
+            f"{num_heads}, or use ring attention (--context-parallel-algo megatron_cp_algo, or hybrid_cp_algo "
+            f"with --ulysses-degree-in-cp), which does not split heads."
         )
 
 
@@ -176,6 +210,7 @@ def megatron_config(num_layers: int, num_heads: int, head_dim: int, dtype: torch
             perform_initialization=perform_initialization,
             tensor_model_parallel_size=state.tp,
             context_parallel_size=state.cp,
+            sequence_parallel=state.sequence_parallel,
         )
 
 
@@ -201,6 +236,9 @@ def build_linear(name: str, in_features: int, out_features: int, bias: bool, con
         set_tensor_model_parallel_attributes,
     )
 
+    if config.sequence_parallel and not plan.sequence_parallel:
+        config = copy.copy(config)  # this layer's input is not the token stream (the text, the timestep)
+        config.sequence_parallel = False
     if plan.style == "column":
         layer = ColumnParallelLinear(
             in_features, out_features, config=config, init_method=_init_normal, bias=bias,
@@ -221,23 +259,53 @@ def build_linear(name: str, in_features: int, out_features: int, bias: bool, con
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a planned layer; Megatron's parallel linears return (output, bias)."""
+    """Apply a planned layer to (b, s, features); Megatron's parallel linears return (output, bias).
+
+    A sequence-parallel Megatron layer gathers or scatters its token axis with Megatron's sequence-parallel
+    mappings, which act on dim 0: the tokens are moved there and back (free when b = 1)."""
+    if getattr(layer, "sequence_parallel", False):
+        out = layer(x.transpose(0, 1))
+        return (out[0] if isinstance(out, tuple) else out).transpose(0, 1)
     out = layer(x)
     return out[0] if isinstance(out, tuple) else out
 
 
-# --- context parallel -----------------------------------------------------------------------
+def tp_shared(t: Optional[torch.Tensor], state: ParallelState) -> Optional[torch.Tensor]:
+    """A replicated tensor used on this rank's share of the tokens under sequence parallel: identity forward,
+    gradient all-reduced over TP backward, so replicated parameters get the gradient of all tokens on every TP
+    rank (Megatron all-reduces such "sequence_parallel" gradients after backward instead; doing it here keeps
+    the module's gradients complete whatever drives it)."""
+    if t is None or not state.sequence_parallel:
+        return t
+    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(t, group=state.tp_group)
 
 
-def cp_split_frames(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    """This CP rank's contiguous slice of the latent frame axis (gradient gathered, / cp)."""
-    if state.cp == 1:
-        return x
-    return split_forward_gather_backward(x, state.cp_group, CP_FRAME_DIM, grad_scale="down")
+# --- the token split of context and sequence parallel ---------------------------------------
 
 
-def cp_gather_frames(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    """All CP ranks' frames in rank order (gradient split, x cp)."""
-    if state.cp == 1:
-        return x
-    return gather_forward_split_backward(x, state.cp_group, CP_FRAME_DIM, grad_scale="up")
+def padded_tokens(tokens: int, state: ParallelState) -> int:
+    """The token count padded up to a multiple of the ranks that split it (CP, x TP with sequence parallel)."""
+    shards = state.token_shards
+    return -(-tokens // shards) * shards
+
+
+def shard_tokens(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """(b, s_padded, D) on every rank -> this rank's tokens: chunk cp_rank over CP (gradient gathered, / cp), then
+    chunk tp_rank of that over TP with sequence parallel (gradient gathered, exact)."""
+    if state.cp > 1:
+        x = split_forward_gather_backward(x, state.cp_group, TOKEN_DIM, grad_scale="down")
+    if state.sequence_parallel:
+        x = split_forward_gather_backward(x, state.tp_group, TOKEN_DIM)
+    return x
+
+
+def unshard_tokens(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """The inverse of `shard_tokens`: every rank's tokens in order (gradient split; x cp over CP, which Megatron
+    DDP's average over data x context parallel ranks undoes)."""
+    if state.sequence_parallel:
+        x = gather_forward_split_backward(x, state.tp_group, TOKEN_DIM)
+    if state.cp > 1:
+        x = gather_forward_split_backward(x, state.cp_group, TOKEN_DIM, grad_scale="up")
+    return x
