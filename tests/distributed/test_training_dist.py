@@ -1,4 +1,5 @@
-"""Training under TP x CP and DP x CP on gloo gives the single-process result.
+"""Training under TP x CP and DP x CP (Ulysses, ring, hybrid, sequence parallel, overlapped DDP) on gloo gives
+the single-process result.
 
 Rank 0 first trains the same 2 iterations (global batch 2, 2 micro-batches, fp32) in a plain single
 process; then all four ranks train with the layout under test, and the logged loss and grad norm of each
@@ -28,7 +29,7 @@ def _shared_tmp() -> Path:
     return Path(box[0])
 
 
-def _reference(root: Path, i2v: bool):
+def _reference(root: Path, i2v: bool, gbs: int = 2):
     """Configs on every rank's shared folder, and the single-process result (trained by rank 0)."""
     from tests.helpers.training_fixtures import train_argv, write_training_configs
 
@@ -40,7 +41,7 @@ def _reference(root: Path, i2v: bool):
                     "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
         env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
         proc = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain_sora.py"),
-                               *train_argv(paths, root / "reference", iters=2)],
+                               *train_argv(paths, root / "reference", iters=2, gbs=gbs)],
                               capture_output=True, text=True, env=env, timeout=600)
         (root / "reference.done").write_text(str(proc.returncode))
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,15 +55,15 @@ def _reference(root: Path, i2v: bool):
     return {"data": root / "w" / "data.json", "model": root / "w" / "model.json"}
 
 
-def _check_layout(tp: int, cp: int, i2v: bool):
+def _check_layout(tp: int, cp: int, i2v: bool, extra=(), gbs: int = 2):
     from mindspeed_mm.checkpoint.convert import read_megatron_full
     from mindspeed_mm.training import pretrain
     from tests.helpers.training_fixtures import train_argv
 
     root = _shared_tmp()
-    paths = _reference(root, i2v)
-    summary = pretrain(train_argv(paths, root / "parallel", iters=2, tp=tp, cp=cp,
-                                  extra=["--use-distributed-optimizer"]))
+    paths = _reference(root, i2v, gbs)
+    summary = pretrain(train_argv(paths, root / "parallel", iters=2, tp=tp, cp=cp, gbs=gbs,
+                                  extra=["--use-distributed-optimizer", *extra]))
     assert summary["iteration"] == 2
     dist.barrier()
     if dist.get_rank() == 0:
@@ -137,6 +138,26 @@ def case_tp2_cp2_training_matches_single_process():
 @dist_case(world_size=4)
 def case_dp2_cp2_i2v_training_matches_single_process():
     _check_layout(tp=1, cp=2, i2v=True)
+
+
+@dist_case(world_size=2)
+def case_dp2_overlapped_grad_reduce_and_param_gather_match_single_process():
+    # Two micro-batches per rank: the first backward runs under no_sync, the second reduces while it runs; the
+    # parameters updated by step 1 are gathered during step 2's forward, and before the save at step 2.
+    _check_layout(tp=1, cp=1, i2v=False, gbs=4, extra=["--overlap-grad-reduce", "--overlap-param-gather"])
+
+
+@dist_case(world_size=4)
+def case_tp2_sp_ring_cp2_training_matches_single_process():
+    _check_layout(tp=2, cp=2, i2v=False, extra=["--sequence-parallel", "--context-parallel-algo", "megatron_cp_algo",
+                                                "--recompute-granularity", "full", "--recompute-method", "block",
+                                                "--recompute-num-layers", "1"])
+
+
+@dist_case(world_size=4)
+def case_hybrid_cp4_i2v_training_matches_single_process():
+    _check_layout(tp=1, cp=4, i2v=True, extra=["--context-parallel-algo", "hybrid_cp_algo",
+                                               "--ulysses-degree-in-cp", "2"])
 
 
 test_distributed = pytest_cases(globals())
