@@ -170,10 +170,18 @@ def test_pipeline_parallel_is_refused():
 def test_num_heads_divisible_by_tp_times_cp(workspace):
     model = workspace["t2v/pretrain_t2v_model.json"]
     with pytest.raises(ArgumentError, match=r"num_heads 48 in .*\(predictor.num_heads\) is not divisible by "
-                                            r"--tensor-model-parallel-size 32 x --context-parallel-size 1 = 32"):
+                                            r"--tensor-model-parallel-size 32 x the Ulysses degree 1 .* = 32"):
         parse_args(["--mm-model", str(model), "--tensor-model-parallel-size", "32"], world_size=32)
     parse_args(["--mm-model", str(model), "--tensor-model-parallel-size", "8", "--context-parallel-size", "2"],
                world_size=16)
+    # Ulysses splits heads (8 x 4 = 32 does not divide 48); ring and hybrid layouts past that limit are valid.
+    with pytest.raises(ArgumentError, match=r"x the Ulysses degree 4 .* = 32.*megatron_cp_algo"):
+        parse_args(["--mm-model", str(model), "--tensor-model-parallel-size", "8", "--context-parallel-size", "4"],
+                   world_size=32)
+    for cp, algo in ((4, ["megatron_cp_algo"]), (12, ["hybrid_cp_algo", "--ulysses-degree-in-cp", "6"]),
+                     (8, ["hybrid_cp_algo", "--ulysses-degree-in-cp", "2"])):
+        parse_args(["--mm-model", str(model), "--tensor-model-parallel-size", "8", "--context-parallel-size",
+                    str(cp), "--sequence-parallel", "--context-parallel-algo", *algo], world_size=8 * cp)
 
 
 def test_global_batch_divisible_by_micro_batch_times_dp():
@@ -217,8 +225,13 @@ def test_recompute_and_cp_algo_errors():
         parse_args(["--recompute-granularity", "full", "--recompute-method", "uniform"])
     with pytest.raises(ArgumentError, match="selective is not supported"):
         parse_args(["--recompute-granularity", "selective"])
-    with pytest.raises(ArgumentError, match="--context-parallel-algo megatron_cp_algo is not supported"):
-        parse_args(["--context-parallel-algo", "megatron_cp_algo"])
+    with pytest.raises(ArgumentError, match="--context-parallel-algo adaptive_cp_algo is not supported"):
+        parse_args(["--context-parallel-algo", "adaptive_cp_algo"])
+    with pytest.raises(ArgumentError, match="hybrid_cp_algo needs --ulysses-degree-in-cp, a divisor of"):
+        parse_args(["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
+                    "--ulysses-degree-in-cp", "3"], world_size=4)
+    with pytest.raises(ArgumentError, match="--overlap-param-gather needs --use-distributed-optimizer"):
+        parse_args(["--overlap-param-gather"])
     with pytest.raises(ArgumentError, match="mutually exclusive"):
         parse_args(["--bf16", "--fp16"])
 

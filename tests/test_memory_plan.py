@@ -1,11 +1,14 @@
 """The memory planner (mindspeed_mm/tools/memory_plan): its arithmetic against the real modules at small sizes, the
-TP/CP/DP divisions, invalid layouts, the order of the layouts that fit, and the CLI on the example launchers' flags.
+TP/CP/DP divisions, the token split (padding, sequence parallel, Ulysses, ring, hybrid), encoder DP, invalid layouts,
+the order of the layouts that fit, and the CLI on the example launchers' flags.
 (Measured peaks at real width: benchmarks/memory_plan_validation.py.)"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,15 @@ import pytest
 from mindspeed_mm.config.model import PredictorConfig
 from mindspeed_mm.models.predictor import StepVideoDiT
 from mindspeed_mm.models.predictor.stepvideo.parallelize import plan_for_parameter, split_dim
-from mindspeed_mm.tools.memory_plan import (GIB, DiTShape, Layout, Recompute, Training, VAEShape, Workload,
+from mindspeed_mm.parallel.options import SequenceParallelOptions
+from mindspeed_mm.tools.memory_plan import (GIB, DiTShape, Layout, RawVideo, Recompute, Training, VAEShape, Workload,
                                             block_activations, dit_parameters, fitting_layouts, layout_problems,
                                             plan_memory)
 from mindspeed_mm.tools.memory_plan.cli import MemoryPlanError, main
-from mindspeed_mm.tools.memory_plan.encoders import StepLLMShape
+from mindspeed_mm.tools.memory_plan.dit import (RING_QUERY_CHUNK, TokenSplit, activation_peak, backward_working_bytes,
+                                                outside_block_activations, ring_attention_transient_bytes)
+from mindspeed_mm.tools.memory_plan.encoders import BertShape, StepLLMShape
+from mindspeed_mm.tools.memory_plan.plan import candidate_layouts
 from tests.helpers.saved_tensors import saved_bytes_per_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,8 +152,133 @@ def test_invalid_layouts_are_reported_not_estimated():
     assert layout_problems(shape, work, Layout(8, 2, 1)) == []
     heads = plan_memory(shape, work, Layout(5, 1, 1))
     assert not heads.valid and heads.peak is None and "num_heads 48" in heads.problems[0]
-    frames = layout_problems(shape, work, Layout(1, 16, 1))
-    assert frames == ["24 latent frames are not divisible by CP 16"]
+    # The tokens are padded to a multiple of CP: the latent frames no longer have to divide (24 frames, CP 16).
+    assert layout_problems(shape, work, Layout(1, 16, 1)) == []
+    hybrid = Layout(8, 8, 1, cp_algo="hybrid_cp_algo", ulysses_degree=3)
+    assert layout_problems(shape, work, hybrid) == ["the Ulysses degree 3 does not divide CP 8 (hybrid: CP = Ulysses "
+                                                    "x ring)"]
+
+
+def test_heads_rule_is_tp_times_the_ulysses_degree():
+    """Ulysses splits each TP rank's heads over its degree u; a ring splits none: heads % (TP x u), not TP x CP."""
+    shape, work = DiTShape(), Workload(1, 36, 34, 62)  # 48 heads: 6 per rank at TP 8
+
+    def problems(cp, algo="ulysses_cp_algo", u=None):
+        return layout_problems(shape, work, Layout(8, cp, 1, cp_algo=algo, ulysses_degree=u))
+
+    assert problems(8) == ["num_heads 48 is not divisible by TP 8 x Ulysses degree 8 = 64 (ring attention, "
+                           "megatron_cp_algo or hybrid_cp_algo, does not split heads)"]
+    assert problems(12, "hybrid_cp_algo", 6) == []  # 48 % (8 x 6) == 0, although 48 % (8 x 12) != 0
+    assert problems(8, "hybrid_cp_algo", 2) == []
+    assert problems(8, "megatron_cp_algo") == [] and problems(16, "megatron_cp_algo") == []
+    assert "TP 8 x Ulysses degree 4 = 32" in problems(8, "hybrid_cp_algo", 4)[0]
+    assert problems(6) == []  # Ulysses over 6: 48 % 48 == 0
+    # The degree is the launcher's (SequenceParallelOptions.ulysses_size).
+    for algo, u in (("ulysses_cp_algo", None), ("megatron_cp_algo", None), ("hybrid_cp_algo", 2)):
+        lay = Layout(8, 8, 1, cp_algo=algo, ulysses_degree=u)
+        options = SequenceParallelOptions(algo, u)
+        assert (lay.ulysses, lay.ring) == (options.ulysses_size(8), options.ring_size(8))
+
+
+def test_padding_to_a_multiple_of_cp_and_tp_is_counted():
+    """75 tokens a sample: CP 4 pads to 76 (19 a rank), with sequence parallel at TP 2 to 80 (20 a rank, 10 outside
+    the matmuls). Ignoring the pad tokens would give 18 (75 // 4)."""
+    shape = DiTShape(num_layers=2, num_heads=8, head_dim=128)
+    work = Workload(1, 3, 5, 5)
+    assert TokenSplit(1, 4).padded_tokens(75) == 76 and TokenSplit(2, 4, True).padded_tokens(75) == 80
+    a, d = 2, shape.hidden
+    cp4 = block_activations(shape, work, 1, 4, a)
+    assert cp4.checkpoint_input == a * 19 * d and cp4.feed_forward == 2 * a * 19 * 4 * d
+    sp = block_activations(shape, work, 2, 4, a, sequence_parallel=True)
+    assert sp.checkpoint_input == a * 10 * d and sp.feed_forward == 2 * a * 20 * 4 * d // 2
+    assert TokenSplit(2, 4, True).stream_tokens(75) == 10 and TokenSplit(2, 4, True).rank_tokens(75) == 20
+    # No padding when the tokens divide: the old figures.
+    even = Workload(1, 4, 5, 5)
+    assert block_activations(shape, even, 1, 4, a).checkpoint_input == a * 25 * d
+
+
+def test_sequence_parallel_divides_the_stream_not_the_core():
+    """With SP the residual stream, the recomputed block's input and the final layer hold s / TP tokens; the
+    attention and the FFN (heads and features split by TP) are unchanged; backward re-gathers one (s, D) input."""
+    shape = DiTShape(num_layers=4, num_heads=8, head_dim=128)
+    work = Workload(1, 8, 16, 16)  # 2048 tokens: no padding
+    a, d, tp, cp = 2, shape.hidden, 4, 2
+    s = 2048 // cp
+    plain = block_activations(shape, work, tp, cp, a)
+    sp = block_activations(shape, work, tp, cp, a, sequence_parallel=True)
+    assert plain.checkpoint_input == a * s * d and sp.checkpoint_input == a * (s // tp) * d
+    assert sp.residual == 9 * a * (s // tp) * d + 2 * 2 * 4 * (s // tp) + a * 8 * d
+    assert plain.residual == 9 * a * s * d + 2 * 2 * 4 * s + a * 8 * d
+    assert (sp.self_attention, sp.cross_attention, sp.feed_forward) == (
+        plain.self_attention, plain.cross_attention, plain.feed_forward)
+    final = "final norm and projection"
+    assert (outside_block_activations(shape, work, cp, a, tp=tp, sequence_parallel=True)[final]
+            == outside_block_activations(shape, work, cp, a, tp=tp)[final] // tp)
+    # Backward: 2a s' D in flight, plus the gathered (s, D) input, plus the FFN hidden gradient and a weight gradient.
+    wgrad = 2 * 4 * d * d // tp
+    assert backward_working_bytes(shape, work, tp, cp, a, 2, sequence_parallel=True) == (
+        2 * a * (s // tp) * d + a * s * d + a * s * 4 * d // tp + wgrad)
+    assert backward_working_bytes(shape, work, tp, cp, a, 2) == 2 * a * s * d + a * s * 4 * d // tp + wgrad
+    # At TP 1 the flag changes nothing (as the launcher: no effect).
+    assert block_activations(shape, work, 1, cp, a, sequence_parallel=True) == block_activations(shape, work, 1, cp, a)
+    on = plan_memory(shape, work, Layout(tp, cp, 1, Recompute("block", 4), sequence_parallel=True))
+    off = plan_memory(shape, work, Layout(tp, cp, 1, Recompute("block", 4)))
+    assert on.activations.peak < off.activations.peak
+    assert on.activations.saved_by_blocks * tp == off.activations.saved_by_blocks
+
+
+def test_ring_keeps_its_lse_and_has_kv_buffers_and_scores_in_flight():
+    """Ring attention (megatron_cp_algo) keeps its local q, k, v (v a view of the qkv output), out and a float32
+    log-sum-exp; two receive buffers of K and V and a float32 (2048 x keys) score block are in flight."""
+    shape = DiTShape(num_layers=2, num_heads=8, head_dim=128)
+    work = Workload(1, 8, 32, 32)  # 8192 tokens
+    a, c, tp, cp = 2, 4, 2, 4
+    s, dl, hl = 8192 // cp, shape.hidden // tp, shape.num_heads // tp
+    ring = block_activations(shape, work, tp, cp, a, ulysses=1)
+    lse, inv_rms = 4 * hl * s, 4 * s * hl * 2
+    assert ring.self_attention == (8 * a + 2 * c) * s * dl + lse + inv_rms
+    kv_buffers = 2 * 2 * a * s * dl
+    scores = 4 * hl * min(s, RING_QUERY_CHUNK) * s
+    assert ring.attention_transient == kv_buffers + scores
+    # The transient is in the backward working set (here it outweighs the FFN's).
+    working = backward_working_bytes(shape, work, tp, cp, a, 2, ulysses=1)
+    assert working == 2 * a * s * shape.hidden + a * s * dl + kv_buffers + scores
+    # Full recompute: the peak is the last block's backward, the transient on top of the rebuilt block.
+    ringed = activation_peak(shape, work, tp, cp, Recompute("block", 2), a, 2, ulysses=1)
+    outside = sum(ringed.outside.values()) - ringed.outside["final norm and projection"]
+    assert ringed.peak == outside + ring.checkpoint_input + ring.total + working
+    assert activation_peak(shape, work, tp, cp, Recompute("block", 2), a, 2).block.attention_transient == 0
+    # Hybrid: Ulysses over u = 2 first (s x 2 tokens, Hl / 2 heads in the core), then a ring of 2.
+    hybrid = block_activations(shape, work, tp, cp, a, ulysses=2)
+    assert hybrid.self_attention == (7 * a + 2 * c) * s * dl + 4 * (hl // 2) * (2 * s) + inv_rms
+    assert hybrid.attention_transient == kv_buffers + 4 * (hl // 2) * RING_QUERY_CHUNK * (2 * s)
+    assert ring_attention_transient_bytes(shape, work, TokenSplit(tp, cp, ulysses=cp), a) == 0  # Ulysses: no ring
+    # Through the layout: megatron_cp_algo is u = 1, hybrid_cp_algo --ulysses-degree-in-cp 2 is u = 2.
+    assert plan_memory(shape, work, Layout(tp, cp, 1, cp_algo="megatron_cp_algo")).activations.block == ring
+    assert plan_memory(shape, work, Layout(tp, cp, 1, cp_algo="hybrid_cp_algo",
+                                           ulysses_degree=2)).activations.block == hybrid
+
+
+def test_encoder_dp_holds_the_iterations_features():
+    """enable_encoder_dp: num_micro_batches x micro-batch samples' latents and text states held on every rank
+    (in the peak), and their pixels on the host (not in the peak); encoder activations unchanged."""
+    shape = DiTShape(num_layers=2, num_heads=8, head_dim=128)
+    work = Workload(1, 6, 34, 62)
+    raw = RawVideo(vae=VAEShape(), vae_parameters=1000, vae_bytes=2, num_frames=34, height=544, width=992,
+                   step_llm=StepLLMShape(), step_llm_bytes=2, clip=BertShape(), clip_bytes=4)
+    layout = Layout(2, 2, 2)
+    off = plan_memory(shape, work, layout, raw=raw)
+    on = plan_memory(shape, work, layout, raw=replace(raw, encoder_dp=True, global_batch=8))
+    samples = 8 // (1 * 2)  # 4 micro-batches of 1 on each of the 2 DP ranks
+    features = 64 * 6 * 34 * 62 * 2 + 320 * 6144 * 2 + 77 * 1024 * 4
+    assert on.held == {"encoder DP: the iteration's encoded features": samples * features}
+    assert on.host == {"encoder DP: the iteration's pixels before encoding": samples * 4 * 34 * 3 * 544 * 992}
+    assert on.peak - off.peak == samples * features and on.phases == off.phases
+    i2v = plan_memory(replace(shape, i2v=True), work, layout, raw=replace(raw, encoder_dp=True, global_batch=8))
+    assert i2v.held_total == samples * (features + 64 * 6 * 34 * 62 * 2)  # + the condition latents
+    assert plan_memory(shape, work, layout, raw=None).held == {}
+    # TP x CP = 1: every rank encodes its own micro-batches, nothing is shared (the model's notice: no effect).
+    assert plan_memory(shape, work, Layout(1, 1, 4), raw=replace(raw, encoder_dp=True, global_batch=8)).held == {}
 
 
 def test_fits_are_cheapest_first_and_use_the_least_recompute():
@@ -161,8 +293,33 @@ def test_fits_are_cheapest_first_and_use_the_least_recompute():
         assert fit.plan.peak <= budget and lay.world == 32 and not layout_problems(shape, work, lay)
         recomputed = lay.recompute.recomputed_layers(shape.num_layers)
         if recomputed:  # one block fewer would not fit
-            fewer = Layout(lay.tp, lay.cp, lay.dp, Recompute("block", recomputed - 1), lay.distributed_optimizer)
+            fewer = replace(lay, recompute=Recompute("block", recomputed - 1))
             assert plan_memory(shape, work, fewer).peak > budget
+
+
+def test_the_search_enumerates_sequence_parallel_and_the_cp_algorithms():
+    """At TP 8 (6 heads a rank) CP 12 runs as Ulysses 6 x ring 2 and CP 8 as Ulysses 2 x ring 4; each appears with
+    sequence parallel off and on, named by its flags."""
+    shape, work = DiTShape(), Workload(1, 36, 34, 62)
+    flags = {lay.flags() for lay in candidate_layouts(shape, work, 96)}
+    assert {"TP8 CP12 hybrid u6", "TP8 CP12 hybrid u6 +SP", "TP8 CP12 hybrid u2", "TP8 CP12 hybrid u3",
+            "TP8 CP12 ring +SP", "TP8 CP1 +SP", "TP1 CP12 ulysses"} <= flags
+    assert "TP8 CP12 ulysses" not in flags and "TP8 CP12 hybrid u4" not in flags  # 48 % 64, 48 % 32
+    assert "TP1 CP1 +SP" not in flags  # sequence parallel needs TP > 1
+    flags64 = {lay.flags() for lay in candidate_layouts(shape, work, 64)}
+    assert {"TP8 CP8 hybrid u2", "TP8 CP8 hybrid u2 +SP", "TP8 CP8 ring"} <= flags64
+    assert "TP8 CP8 ulysses" not in flags64
+    lay = Layout(8, 8, 1, cp_algo="hybrid_cp_algo", ulysses_degree=2, sequence_parallel=True,
+                 distributed_optimizer=True)
+    assert lay.flags() == "TP8 CP8 hybrid u2 +SP"
+    assert lay.launcher_flags() == ("--tensor-model-parallel-size 8 --context-parallel-size 8 --context-parallel-algo "
+                                    "hybrid_cp_algo --ulysses-degree-in-cp 2 --sequence-parallel "
+                                    "--use-distributed-optimizer")
+    fits = fitting_layouts(shape, work, 64, 80 * 0.9 * GIB)
+    found = {fit.layout.flags() for fit in fits}
+    assert "TP8 CP8 hybrid u2 +SP" in found
+    costs = [fit.cost() for fit in fits]
+    assert costs == sorted(costs)
 
 
 def test_vae_latent_frames_follow_its_chunks():
@@ -206,14 +363,58 @@ def test_cli_on_the_t2v_launcher(capsys):
 
 
 def test_cli_on_the_i2v_launcher_reports_an_invalid_layout(capsys):
-    args = _launcher(I2V, "pretrain_i2v_model.json", "--world-size", "16", "--device-memory-gb", "80")
-    args[args.index("--context-parallel-size") + 1] = "16"
-    args[args.index("--tensor-model-parallel-size") + 1] = "1"
+    # Ulysses over CP 8 at TP 8: 48 heads are not divisible by 64 (the launcher's ulysses_cp_algo).
+    args = _launcher(I2V, "pretrain_i2v_model.json", "--world-size", "64", "--device-memory-gb", "80")
+    args[args.index("--context-parallel-size") + 1] = "8"
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "i2v pretraining" in out and "102 frames 544x992 -> 18 latent frames" in out
-    assert "invalid, no estimate" in out and "18 latent frames are not divisible by CP 16" in out
+    assert "TP8 CP8 ulysses: invalid, no estimate" in out and "TP 8 x Ulysses degree 8 = 64" in out
     assert "peak: " not in out and "layouts that fit 80 GB" in out
+
+
+def test_cli_takes_the_sequence_flags(capsys):
+    """--sequence-parallel, --context-parallel-algo and --ulysses-degree-in-cp pass through the launcher's parser."""
+    args = _launcher(T2V, "pretrain_t2v_model.json", "--world-size", "64", "--num-frames", "204",
+                     "--sequence-parallel", "--ulysses-degree-in-cp", "2", "--device-memory-gb", "80")
+    args[args.index("--context-parallel-size") + 1] = "8"
+    args[args.index("--context-parallel-algo") + 1] = "hybrid_cp_algo"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "TP 8 x CP 8 (hybrid: Ulysses 2 x ring 4) x DP 1, sequence parallel, recompute block, 48 of 48" in out
+    assert "75,888, padded to 75,904 (a multiple of CP x TP = 64; 16 masked); 9,488 on this rank, 1,186 outside" in out
+    assert "self-attention core: 18,976 tokens x 3 heads per sample" in out and "ring of 4 ranks" in out
+    assert "ring attention in flight" in out and "TP8 CP8 hybrid u2 +SP" in out
+    with pytest.raises(MemoryPlanError, match="--ulysses-degree-in-cp"):
+        main([a for a in args if a not in ("--ulysses-degree-in-cp", "2")])
+    bad = list(args)
+    bad[bad.index("--context-parallel-algo") + 1] = "ring"
+    with pytest.raises(MemoryPlanError, match="--context-parallel-algo ring"):
+        main(bad)
+
+
+def test_cli_keeps_tensor_parallel_within_a_node(capsys):
+    args = _launcher(T2V, "pretrain_t2v_model.json", "--nnodes", "2", "--nproc-per-node", "8", "--num-frames", "204",
+                     "--device-memory-gb", "80", "--max-layouts", "100")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "world 16, TP dividing 8 (within a node)" in out and "TP8 CP2 ulysses +SP" in out and "TP16" not in out
+    assert main(args + ["--node-size", "0"]) == 0
+    assert "TP16 CP1 +SP" in capsys.readouterr().out
+
+
+def test_cli_reports_encoder_dp(tmp_path, capsys):
+    model = json.loads((T2V / "posttrain_t2v_model.json").read_text())
+    model["enable_encoder_dp"] = True
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    args = LAUNCHER_FLAGS + ["--mm-data", str(T2V / "data_dpo.json"), "--mm-model", str(path), "--world-size", "8"]
+    args[args.index("--global-batch-size") + 1] = "4"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "encoder DP (enable_encoder_dp; 4 micro-batches x 1)" in out
+    assert "the iteration's encoded features (device, held through the step)" in out
+    assert "the iteration's pixels before encoding (host, not in the peak)" in out and "+ encoder DP" in out
 
 
 def test_cli_dpo_counts_the_reference_and_the_encoders(capsys):
@@ -249,9 +450,15 @@ def _script(name: str):
 
 
 def test_released_model_table_script(capsys):
-    assert _script("memory_plan_table").main(["--worlds", "16", "--devices", "80"]) == 0
+    script = _script("memory_plan_table")
+    assert script.main(["--worlds", "16", "--devices", "80", "--family-worlds"]) == 0
     out = capsys.readouterr().out
-    assert "| t2v | 136 (50,592) | 16 | TP8 CP2, rc 44, DO: 70 (3) |" in out
+    assert "| t2v | 136 (50,592) | 16 | TP8 CP2 ulysses +SP, rc 25, DO: 72 (11) |" in out
+    assert script.main(["--worlds", "8", "--devices", "96", "--family-worlds", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "| t2v | 204 (75,888) | 8 | TP8 CP1 +SP, rc 44: 85 (1) |" in out
+    # Without sequence parallel, the old search's answer (docs/performance.md before SP): unchanged.
+    assert "| 16 | Ulysses, no SP | TP4 CP4 ulysses, rc 44, DO: 86 (2) |" in out
 
 
 def test_validation_script_predicts_its_cases():

@@ -23,12 +23,18 @@ class SoRADPOModel(SoRAModel):
     """The actor DiT (trained) against `reference`, a frozen DiT of the same config.
 
     The trainer decides where the reference comes from (`mindspeed_mm/training/dpo.py`); this module only runs it.
+    With `enable_encoder_dp` the pairs are encoded by `SoRAModel.encode_iteration`: winner, then loser.
     """
+
+    # forward encodes the winner, then the loser, each with its own first-frame condition
+    video_keys = (("video", "image_latents"), ("video_rejected", "image_latents_rejected"))
 
     def __init__(self, predictor, scheduler, reference, vae=None, text_encoder=None, i2v: bool = False,
                  loss_beta: float = 2000.0, beta: float = 0.1, label_smoothing: float = 0.0, pref_ftx: float = 0.0,
-                 histogram: Optional[dict] = None, weight_alpha: float = 0.0, weight_beta: Optional[float] = None):
-        super().__init__(predictor, scheduler, vae=vae, text_encoder=text_encoder, i2v=i2v)
+                 histogram: Optional[dict] = None, weight_alpha: float = 0.0, weight_beta: Optional[float] = None,
+                 enable_encoder_dp: bool = False, encoder_group=None):
+        super().__init__(predictor, scheduler, vae=vae, text_encoder=text_encoder, i2v=i2v,
+                         enable_encoder_dp=enable_encoder_dp, encoder_group=encoder_group)
         # Out of the module tree: DDP, the optimizer, `.train()` and checkpoints see the actor only.
         self._reference = Frozen(reference)
         self.loss_beta, self.beta = loss_beta, beta

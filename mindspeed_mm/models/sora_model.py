@@ -11,19 +11,30 @@ The loss follows the released weights' convention (DESIGN.md): t ~ logit-normal,
 the DiT predicts v = x0 − ε, and the loss is the per-sample mean squared error. `generator` draws t, ε
 and the i2v pixel noise; it must be seeded identically on the tensor- and context-parallel ranks that
 share a batch (the trainer seeds it from the seed, the data-parallel rank and the iteration).
+
+`enable_encoder_dp` (raw videos): the tensor- and context-parallel ranks of a group hold the same micro-batches, so
+instead of each of them running the frozen encoders on all of them, `encode_iteration(batches, generators)` runs
+the deterministic part (VAE posterior, Step-LLM and CLIP states) of micro-batch m on group rank m % size only,
+shares the results over the group, and then every rank draws the random parts (the VAE's eps, the i2v first-frame
+noise) from each micro-batch's generator in the order `forward` draws them: `forward` on the encoded batches gives
+the losses of `forward` on the raw ones, bit for bit, and leaves the generators in the same state.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
 
 from .ae import StepVideoI2VProcessor, StepVideoVAE
 from .diffusion import FlowMatchScheduler
 from .predictor import StepVideoDiT
 from .text_encoder import StepVideoTextEncoder
+
+# Set in a batch that `encode_iteration` made: its "video" holds latents and "prompt_ids" the encoders' states.
+ENCODED_KEY = "encoded_in_group"
 
 
 class Frozen:
@@ -45,11 +56,18 @@ class Frozen:
 
 
 class SoRAModel(MegatronModule):
-    """The trainable DiT plus, when the data are raw videos, the frozen VAE and text encoders."""
+    """The trainable DiT plus, when the data are raw videos, the frozen VAE and text encoders.
+
+    `enable_encoder_dp` with `encoder_group` (the tensor x context parallel group, whose ranks hold the same
+    micro-batches): the frozen encoders' work is shared over the group by `encode_iteration` (module docstring).
+    """
+
+    # (pixels key, i2v condition key) of each video a batch holds, in the order `forward` encodes them.
+    video_keys: Tuple[Tuple[str, str], ...] = (("video", "image_latents"),)
 
     def __init__(self, predictor: StepVideoDiT, scheduler: FlowMatchScheduler, vae: Optional[StepVideoVAE] = None,
                  text_encoder: Optional[StepVideoTextEncoder] = None, i2v: bool = False,
-                 motion_score: float = 5.0):
+                 motion_score: float = 5.0, enable_encoder_dp: bool = False, encoder_group=None):
         super().__init__(predictor.config)
         self.predictor = predictor
         self.scheduler = scheduler
@@ -61,6 +79,8 @@ class SoRAModel(MegatronModule):
         # {name: JSON-able dict} saved beside every checkpoint (e.g. the DPO reference); see training/checkpointing.py
         self.checkpoint_records: Dict[str, dict] = {}
         self.i2v_processor = StepVideoI2VProcessor() if i2v else None
+        self.enable_encoder_dp = enable_encoder_dp
+        self.encoder_group = encoder_group
 
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
         # The checkpoint holds the DiT under its own names (no "predictor." prefix), as MindSpeed-MM does.
@@ -73,15 +93,27 @@ class SoRAModel(MegatronModule):
         """True when batches hold pixels that the frozen VAE encodes here (load_video_features false)."""
         return self._vae.module is not None
 
+    @property
+    def encodes_in_group(self) -> bool:
+        """True when the trainer should call `encode_iteration`: enable_encoder_dp, a group of more than one rank,
+        and frozen encoders to run (raw videos or token ids)."""
+        return (bool(self.enable_encoder_dp) and self.encoder_group is not None
+                and dist.get_world_size(self.encoder_group) > 1
+                and (self._vae.module is not None or self._text_encoder.module is not None))
+
+    @staticmethod
+    def _check_pixels(video: torch.Tensor) -> None:
+        if video.dim() != 5 or video.shape[2] != 3:
+            raise ValueError(f"batch['video'] must be pixels (b, T, 3, H, W) when the model encodes videos "
+                             f"(load_video_features false); got shape {tuple(video.shape)}.")
+
     def _latents(self, batch: Dict, generator: Optional[torch.Generator]
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         video = batch["video"]
         device = self.predictor.device
         vae = self._vae.module
-        if vae is not None:  # raw videos: pixels (b, T, 3, H, W) in [-1, 1]
-            if video.dim() != 5 or video.shape[2] != 3:
-                raise ValueError(f"batch['video'] must be pixels (b, T, 3, H, W) when the model encodes videos "
-                                 f"(load_video_features false); got shape {tuple(video.shape)}.")
+        if vae is not None and not batch.get(ENCODED_KEY):  # raw videos: pixels (b, T, 3, H, W) in [-1, 1]
+            self._check_pixels(video)
             with torch.no_grad():
                 pixels = video.to(device)
                 latents = vae.encode(pixels, generator=generator)
@@ -109,6 +141,90 @@ class SoRAModel(MegatronModule):
             return self._text_encoder.module.encode_tokens(ids, masks)
         return [t.to(device) for t in ids], [m.to(device) for m in masks]
 
+    # ---- encoding shared over the tensor x context parallel group ---------------------------
+
+    def encode_iteration(self, batches: Sequence[Dict], generators: Sequence[torch.Generator]) -> List[Dict]:
+        """The iteration's micro-batches with latents, i2v conditions and prompt states in place of pixels and token
+        ids; `forward(encoded[m], generators[m])` then gives `forward(batches[m], generators[m])` bit for bit.
+
+        Every rank of the group must call it with the same micro-batches and identically seeded generators (the
+        trainer's). Steps: (1) every rank draws, from each micro-batch's generator and in `forward`'s order, the
+        VAE eps of each video, then (i2v) the first-frame pixel noise and the condition's eps; (2) group rank
+        m % size runs the deterministic encoders on micro-batch m, as `forward` would (the whole micro-batch in one
+        call); (3) the results are shared (`_share`); (4) every rank forms latents = mean + std * eps. The
+        generators continue from where (1) left them, as after `forward`'s encoding. Without a group of several
+        ranks (`encodes_in_group` false) this rank does everything, with no communication.
+        """
+        if len(generators) != len(batches):
+            raise ValueError(f"encode_iteration needs one generator per micro-batch: {len(batches)} micro-batches, "
+                             f"{len(generators)} generators.")
+        group = self.encoder_group if self.encodes_in_group else None
+        size, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+        draws = [self._draw_encoder_noise(batch, generator) for batch, generator in zip(batches, generators)]
+        local = {m: self._encode_deterministic(batches[m], draws[m]) for m in range(len(batches)) if m % size == rank}
+        encoded = local if group is None else _share(local, len(batches), group, self.predictor.device)
+        return [self._assemble(batch, drawn, encoded[m]) for m, (batch, drawn) in enumerate(zip(batches, draws))]
+
+    def _encodes_text(self, batch: Dict) -> bool:
+        ids = batch["prompt_ids"][0]
+        return self._text_encoder.module is not None and ids.dim() == 2 and not ids.is_floating_point()
+
+    def _draw_encoder_noise(self, batch: Dict, generator: torch.Generator) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{pixels key: {"eps", and for i2v "first" (the noised first frames) and "first_eps"}}, drawn in the order
+        of `_latents` (vae.encode, then the i2v processor) for each video of `video_keys` in turn."""
+        vae = self._vae.module
+        if vae is None:
+            return {}
+        out = {}
+        for key, _ in self.video_keys:
+            if key not in batch:
+                raise ValueError(f"the batch has no {key!r}; this model encodes {[k for k, _ in self.video_keys]}.")
+            pixels = batch[key]
+            self._check_pixels(pixels)
+            vae._check_video(pixels)
+            drawn = {"eps": vae.draw_eps(vae.latent_shape(pixels.shape), generator, vae.device)}
+            if self.i2v:
+                first = self.i2v_processor.noise_first_frame(pixels[:, :1].to(self.predictor.device), generator)
+                drawn["first"] = first
+                drawn["first_eps"] = vae.draw_eps(vae.latent_shape(first.shape), generator, vae.device)
+            out[key] = drawn
+        return out
+
+    def _encode_deterministic(self, batch: Dict, drawn: Dict) -> Dict[str, torch.Tensor]:
+        """The encoders' outputs for one micro-batch, computed as `forward` computes them (one call per video)."""
+        out = {}
+        vae = self._vae.module
+        with torch.no_grad():
+            for key, _ in self.video_keys if vae is not None else ():
+                out[f"{key}.mean"], out[f"{key}.std"] = vae.encode_distribution(batch[key].to(self.predictor.device))
+                if self.i2v:
+                    out[f"{key}.first_mean"], out[f"{key}.first_std"] = vae.encode_distribution(drawn[key]["first"])
+            if self._encodes_text(batch):
+                states, _ = self._text_encoder.module.encode_tokens(list(batch["prompt_ids"]),
+                                                                    list(batch["prompt_mask"]))
+                out.update({f"prompt.{i}": state for i, state in enumerate(states)})
+        return out
+
+    def _assemble(self, batch: Dict, drawn: Dict, encoded: Dict[str, torch.Tensor]) -> Dict:
+        out = {**batch, ENCODED_KEY: True}
+        vae = self._vae.module
+        for key, cond_key in self.video_keys if vae is not None else ():
+            latents = vae.sample(encoded[f"{key}.mean"], encoded[f"{key}.std"], eps=drawn[key]["eps"])
+            if latents.shape != drawn[key]["eps"].shape:
+                raise RuntimeError(f"encode_iteration: latents {tuple(latents.shape)} for {key!r} but eps drawn for "
+                                   f"{tuple(drawn[key]['eps'].shape)}; the VAE's latent_shape is wrong.")
+            out[key] = latents
+            if self.i2v:
+                first = vae.sample(encoded[f"{key}.first_mean"], encoded[f"{key}.first_std"],
+                                   eps=drawn[key]["first_eps"])
+                out[cond_key] = self.i2v_processor.pad(first, latents.shape[1])
+        if self._encodes_text(batch):
+            device = self.predictor.device
+            count = sum(1 for name in encoded if name.startswith("prompt."))
+            out["prompt_ids"] = [encoded[f"prompt.{i}"] for i in range(count)]
+            out["prompt_mask"] = [m.to(device) for m in batch["prompt_mask"]]
+        return out
+
     # ---- loss -------------------------------------------------------------------------------
 
     def forward(self, batch: Dict, generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None,
@@ -128,3 +244,46 @@ class SoRAModel(MegatronModule):
         extra = {"image_latents": cond, "motion_score": self.motion_score} if self.i2v else {}
         prediction = self.predictor(x_t, t, prompt, prompt_mask, **extra)
         return self.scheduler.loss(prediction, self.scheduler.velocity_target(x0, noise))
+
+
+def _share(local: Dict[int, Dict[str, torch.Tensor]], count: int, group, device: torch.device
+           ) -> Dict[int, Dict[str, torch.Tensor]]:
+    """{micro-batch: {name: tensor}} of all `count` micro-batches on every rank of `group`, from each rank's `local`
+    (the micro-batches it owns).
+
+    One `all_gather_object` of the names, shapes and dtypes (a few hundred bytes a rank), then one `broadcast` per
+    rank of its tensors packed as bytes into one buffer (on the CPU for gloo, on `device` for nccl / hccl): every
+    rank receives the encoders' outputs of the micro-batches it does not own, once. The bytes are the owner's, so
+    the values are bit for bit the owner's.
+    """
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    specs = {m: [(name, tuple(t.shape), t.dtype) for name, t in outs.items()] for m, outs in local.items()}
+    gathered = [None] * size
+    dist.all_gather_object(gathered, specs, group=group)
+    owned = sorted(m for part in gathered for m in part)
+    if owned != list(range(count)):
+        raise RuntimeError(f"encode_iteration: the ranks of the encoder group encoded micro-batches {owned} of "
+                           f"{count}; every rank must be given the same micro-batches.")
+    comm = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
+    out = dict(local)
+    for src in range(size):
+        layout, offset = [], 0
+        for m in sorted(gathered[src]):
+            for name, shape, dtype in gathered[src][m]:
+                nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                layout.append((m, name, shape, dtype, offset, nbytes))
+                offset += -(-nbytes // 16) * 16  # aligned: each piece is viewed back as its dtype without a copy
+        if offset == 0:
+            continue
+        if src == rank:
+            buffer = torch.zeros(offset, dtype=torch.uint8, device=comm)
+            for m, name, _, _, start, nbytes in layout:
+                buffer[start:start + nbytes] = local[m][name].detach().contiguous().reshape(-1).view(torch.uint8)
+        else:
+            buffer = torch.empty(offset, dtype=torch.uint8, device=comm)
+        dist.broadcast(buffer, src=dist.get_global_rank(group, src), group=group)
+        if src == rank:
+            continue
+        for m, name, shape, dtype, start, nbytes in layout:
+            out.setdefault(m, {})[name] = buffer[start:start + nbytes].view(dtype).view(shape).to(device)
+    return out

@@ -77,6 +77,28 @@ def build_encoders(args) -> Tuple[object, object]:
     return vae, encoder
 
 
+def encoder_dp_options(args, vae, encoder) -> dict:
+    """The model keywords of `enable_encoder_dp`: {enable_encoder_dp, encoder_group (the tensor x context parallel
+    group)} when the frozen encoders run during training (raw videos or token ids) and that group has more than one
+    rank; else {} and, when the key is set, a notice that it has no effect."""
+    if not args.mm.model.enable_encoder_dp:
+        return {}
+    from megatron.core import parallel_state as ps
+
+    from ..config.aliases import add_notice
+
+    if vae is None and encoder is None:
+        add_notice(f"{args.mm_model}: enable_encoder_dp has no effect with load_video_features and "
+                   f"load_text_features true (extracted features: nothing is encoded during training)")
+        return {}
+    group = ps.get_tensor_and_context_parallel_group()
+    if dist.get_world_size(group) == 1:
+        add_notice(f"{args.mm_model}: enable_encoder_dp has no effect with tensor x context parallel size 1 (no "
+                   f"ranks share this rank's micro-batches)")
+        return {}
+    return {"enable_encoder_dp": True, "encoder_group": group}
+
+
 def check_training_sections(args) -> None:
     model_cfg = args.mm.model
     if model_cfg.predictor is None or model_cfg.diffusion is None:
@@ -92,4 +114,5 @@ def build_pretrain_model(args):
     model_cfg = args.mm.model
     vae, encoder = build_encoders(args)
     return SoRAModel(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae,
-                     text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions)
+                     text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
+                     **encoder_dp_options(args, vae, encoder))

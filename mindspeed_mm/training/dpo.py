@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from ..arguments import ArgumentError
 from ..checkpoint.megatron_layout import RELEASE, CheckpointError, is_megatron_checkpoint, read_tracker
-from .builders import build_encoders, build_predictor, check_training_sections, load_dit, print_rank0
+from .builders import (build_encoders, build_predictor, check_training_sections, encoder_dp_options, load_dit,
+                       print_rank0)
 from .checkpointing import read_record
 
 RECORD_NAME = "dpo_reference"
@@ -157,6 +158,6 @@ def build_dpo_model(args):
                          vae=vae, text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
                          loss_beta=dpo.loss_beta, beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
                          pref_ftx=args.pref_ftx, histogram=histogram, weight_alpha=dpo.weight_alpha,
-                         weight_beta=dpo.weight_beta)
+                         weight_beta=dpo.weight_beta, **encoder_dp_options(args, vae, encoder))
     model.checkpoint_records[RECORD_NAME] = record
     return model

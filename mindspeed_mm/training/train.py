@@ -231,19 +231,26 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
     _print(f"training: iterations {iteration} -> {args.train_iters}, global batch {args.global_batch_size} = "
            f"micro-batch {args.micro_batch_size} x {args.num_micro_batches} micro-batches x data parallel {dp_size} "
            f"(TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size}, {params_dtype(args)})")
+    encode_in_group = getattr(model, "encodes_in_group", False)
     try:
         while iteration < args.train_iters:
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             losses, extras = [], {}
+            encoded = generators = None
+            if encode_in_group:  # enable_encoder_dp: the iteration's micro-batches are encoded once per TP x CP group
+                generators = [noise_generator(args.seed, iteration, micro * dp_size + dp_rank)
+                              for micro in range(args.num_micro_batches)]
+                encoded = model.encode_iteration([next(batches) for _ in generators], generators)
             for micro in range(args.num_micro_batches):
-                batch = next(batches)
+                batch = next(batches) if encoded is None else encoded[micro]
                 for rows in batch.get("skipped_rows", ()):
                     skipped_rows.update((int(line), reason) for line, reason in rows)
                 # With --overlap-grad-reduce the buckets are reduced during the last micro-batch's backward only.
                 last = micro == args.num_micro_batches - 1
                 with contextlib.nullcontext() if last else ddp.no_sync():
-                    out = ddp(batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank))
+                    out = ddp(batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank)
+                              if generators is None else generators[micro])
                     loss, extra = out if isinstance(out, tuple) else (out, {})
                     # fp16: scaled by the optimizer's loss scale (1 otherwise); the optimizer unscales the gradients.
                     optimizer.scale_loss(loss.mean() / args.num_micro_batches).backward()

@@ -44,6 +44,11 @@ class StepVideoI2VProcessor:
         if add_noise:
             first = self.noise_first_frame(first, generator)
         latent = vae.encode(first, generator=generator)  # (b, 1, z, h, w): one frame -> one latent
+        return self.pad(latent, latent_frames)
+
+    @staticmethod
+    def pad(latent: torch.Tensor, latent_frames: int) -> torch.Tensor:
+        """The first frame's latent (b, 1, z, h, w) followed by zero latent frames: (b, latent_frames, z, h, w)."""
         rest = torch.zeros((latent.shape[0], latent_frames - 1, *latent.shape[2:]), dtype=latent.dtype,
                            device=latent.device)
         return torch.cat([latent, rest], dim=1)

@@ -6,10 +6,10 @@ The model is arithmetic (`dit.py`, `encoders.py`, `plan.py`; no torch); `cli.py`
 JSON files. docs/performance.md ("Memory planner") has the formulas and the validation against measured peaks.
 """
 
-from .dit import DiTShape, Recompute, Workload, block_activations, dit_parameters
+from .dit import DiTShape, Recompute, TokenSplit, Workload, block_activations, dit_parameters
 from .encoders import BertShape, StepLLMShape, VAEShape
 from .plan import GIB, Fit, Layout, MemoryPlan, RawVideo, Training, fitting_layouts, layout_problems, plan_memory
 
 __all__ = ["BertShape", "DiTShape", "Fit", "GIB", "Layout", "MemoryPlan", "RawVideo", "Recompute", "StepLLMShape",
-           "Training", "VAEShape", "Workload", "block_activations", "dit_parameters", "fitting_layouts",
+           "TokenSplit", "Training", "VAEShape", "Workload", "block_activations", "dit_parameters", "fitting_layouts",
            "layout_problems", "plan_memory"]

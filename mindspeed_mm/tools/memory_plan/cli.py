@@ -9,6 +9,8 @@
 
 Every flag of the launchers is accepted (the same parser); the ones that do not change memory are ignored, and no
 file the JSONs name has to exist (the weights' config files are read when they are there, for the encoders' sizes).
+The sequence's split is the launchers': --sequence-parallel, --context-parallel-algo, --ulysses-degree-in-cp (as
+`arguments.sequence_options` reads them), and the model JSON's enable_encoder_dp.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from typing import List, Optional, Sequence, Tuple
 # The launchers' own checks of flags and configs, without `validate_args`: that also requires every file the JSONs
 # name (weights, data) to exist, which a plan made before the files are in place must not.
 from ...arguments import ArgumentError, _check_era_flags, _reject_unknown, _validate_recompute, build_parser
-from ...arguments import load_mm_configs
+from ...arguments import load_mm_configs, sequence_options
 from ...config.aliases import collect_notices
 from ...errors import MindSpeedMMError
 from .dit import DiTShape, Recompute, Workload
 from .encoders import RELEASED_VAE_PARAMETERS, BertShape, StepLLMShape, VAEShape
-from .plan import GIB, Layout, RawVideo, Training, fitting_layouts, layout_problems, plan_memory, smallest_peak
+from .plan import (CP_ALGOS, GIB, Layout, RawVideo, Training, fitting_layouts, layout_problems, plan_memory,
+                   smallest_peak)
 
 DEFAULT_MARGIN = 0.10
 # The released Video-VAE's widths (AEConfig defaults); other widths are counted on a meta-device build.
@@ -60,6 +63,9 @@ def build_planner_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-height", type=int, default=None, help="override the data JSON's max_height")
     g.add_argument("--max-width", type=int, default=None, help="override the data JSON's max_width")
     g.add_argument("--max-layouts", type=int, default=12, help="how many fitting layouts to list")
+    g.add_argument("--node-size", type=int, default=None,
+                   help="devices per node for the layout search: TP must divide it, keeping a TP group within a "
+                        "node (default: --nproc-per-node when given; 0: any TP)")
     return parser
 
 
@@ -72,6 +78,7 @@ class PlanInputs:
     raw: Optional[RawVideo]
     world: int
     tp_cp: Tuple[int, int]  # the flags' TP and CP
+    flags_layout: Layout  # the flags' parallelism (also when the layout is invalid)
     problems: List[str]  # why the flags' own layout cannot run (then no numbers for it)
     video: Tuple[int, int, int]  # pixel frames, height, width
     vae: VAEShape
@@ -151,8 +158,12 @@ def _dtype_bytes(name: str) -> int:
 def _raw_video(args, vae: VAEShape, video: Tuple[int, int, int], notes: List[str]) -> Optional[RawVideo]:
     model = args.mm.model
     if model.load_video_features and model.load_text_features:
+        if model.enable_encoder_dp:
+            notes.append(f"enable_encoder_dp has no effect here: {args.mm_model} loads features "
+                         f"(load_video_features and load_text_features true), so no encoder runs")
         return None
-    raw = RawVideo(num_frames=video[0], height=video[1], width=video[2])
+    raw = RawVideo(num_frames=video[0], height=video[1], width=video[2], encoder_dp=bool(model.enable_encoder_dp),
+                   global_batch=args.global_batch_size)
     fields = {}
     if not model.load_video_features:
         if model.ae is None:
@@ -195,6 +206,8 @@ def plan_inputs(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
     model = args.mm.model
     if model is None or model.predictor is None:
         raise MemoryPlanError("--mm-model is needed, with a 'predictor' section (the DiT's shape).")
+    if args.context_parallel_algo not in CP_ALGOS:
+        raise MemoryPlanError(f"--context-parallel-algo {args.context_parallel_algo}: one of {', '.join(CP_ALGOS)}.")
     if args.pipeline_model_parallel_size != 1:
         raise MemoryPlanError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: only 1 is "
                               f"supported.")
@@ -208,11 +221,19 @@ def plan_inputs(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive.")
     if not 0 <= args.memory_margin < 1:
         raise MemoryPlanError(f"--memory-margin {args.memory_margin} must be in [0, 1).")
+    if args.node_size is not None and args.node_size < 0:
+        raise MemoryPlanError(f"--node-size {args.node_size} must be at least 1 (0: any TP).")
     if args.device_memory_gb is not None and args.device_memory_gb <= 0:
         raise MemoryPlanError(f"--device-memory-gb {args.device_memory_gb} must be positive.")
     world = _world_size(args)
     if world < 1:
         raise MemoryPlanError(f"--world-size {world} must be at least 1.")
+    options = sequence_options(args)
+    ulysses = options.ulysses_size(cp)
+    given = args.ulysses_degree_in_cp
+    if args.context_parallel_algo == "hybrid_cp_algo" and (given is None or given < 1 or cp % given):
+        raise MemoryPlanError(f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp, a divisor of "
+                              f"--context-parallel-size {cp} (got {args.ulysses_degree_in_cp}).")
     entry = ("dpo" if model.dpo is not None else "pretrain") if args.plan_entry == "auto" else args.plan_entry
     video, origins = _video_size(args)
     ae = model.ae
@@ -233,17 +254,25 @@ def plan_inputs(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
         recompute = Recompute(args.recompute_method, args.recompute_num_layers)
     shape = DiTShape.from_config(model.predictor)
     problems, layout = [], None
+    flags_layout = Layout(tp, cp, max(world // (tp * cp), 1), recompute, bool(args.use_distributed_optimizer),
+                          sequence_parallel=options.sequence_parallel, cp_algo=options.context_parallel_algo,
+                          ulysses_degree=ulysses if options.context_parallel_algo == "hybrid_cp_algo" else None)
     if world % (tp * cp):
         problems.append(f"world size {world} is not divisible by TP {tp} x CP {cp} = {tp * cp}")
-        problems += layout_problems(shape, workload, Layout(tp, cp, 1))
+        problems += layout_problems(shape, workload, flags_layout)
     else:
-        layout = Layout(tp, cp, world // (tp * cp), recompute, bool(args.use_distributed_optimizer))
+        layout = flags_layout
     training = Training(dtype_bytes=2 if (args.bf16 or args.fp16) else 4, dpo=entry == "dpo",
                         optimizer=args.optimizer)
     notes: List[str] = []
+    if args.sequence_parallel and tp == 1:
+        notes.append("--sequence-parallel has no effect with --tensor-model-parallel-size 1")
+    if model.enable_encoder_dp and tp * cp == 1 and not (model.load_video_features and model.load_text_features):
+        notes.append("enable_encoder_dp has no effect at TP x CP = 1 (no group to share the encoding with)")
     raw = _raw_video(args, vae, video, notes)
     return args, PlanInputs(shape=shape, workload=workload, layout=layout, training=training, raw=raw, world=world,
-                            tp_cp=(tp, cp), problems=problems, video=video, vae=vae, entry=entry, notes=notes)
+                            tp_cp=(tp, cp), flags_layout=flags_layout, problems=problems, video=video, vae=vae,
+                            entry=entry, notes=notes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -256,8 +285,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_plan(inputs, plan))
     if args.device_memory_gb is not None:
         budget = args.device_memory_gb * (1 - args.memory_margin) * GIB
-        fits = fitting_layouts(inputs.shape, inputs.workload, inputs.world, budget, inputs.training, inputs.raw)
+        node_size = (args.node_size if args.node_size is not None else args.nproc_per_node) or None
+        fits = fitting_layouts(inputs.shape, inputs.workload, inputs.world, budget, inputs.training, inputs.raw,
+                               node_size)
         closest = None if fits else smallest_peak(inputs.shape, inputs.workload, inputs.world, inputs.training,
-                                                  inputs.raw)
-        print(format_fits(inputs, fits, args.device_memory_gb, args.memory_margin, closest, args.max_layouts))
+                                                  inputs.raw, node_size)
+        print(format_fits(inputs, fits, args.device_memory_gb, args.memory_margin, closest, args.max_layouts,
+                          node_size))
     return 0

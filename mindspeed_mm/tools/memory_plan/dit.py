@@ -4,9 +4,11 @@ Everything here mirrors `mindspeed_mm/models/predictor/stepvideo/{model,layers,p
 changes what it creates or what autograd keeps, this file must follow; `tests/test_memory_plan.py` checks the parameter
 count against the real module and the saved-activation count against autograd's saved tensors at a small size.
 
-Notation (all per rank): a = activation bytes per element (2 for bf16), s = micro-batch x tokens / CP (this rank's
-tokens), D = hidden size, Dl = D / TP (this rank's heads x head_dim), Fl = 4D / TP (this rank's FFN width),
-Hl = heads / TP, T = text keys (CLIP 77 + step_llm 320 at most).
+Notation (all per rank): a = activation bytes per element (2 for bf16), s = micro-batch x padded tokens / CP (this
+rank's tokens at the attention and the FFN), s' = s / TP with sequence parallel, else s (the rank's tokens outside
+the tensor-parallel matmuls), D = hidden size, Dl = D / TP (this rank's heads x head_dim), Fl = 4D / TP (this rank's
+FFN width), Hl = heads / TP, T = text keys (CLIP 77 + step_llm 320 at most), u = the Ulysses degree, r = CP / u the
+ring size. The tokens of a sample are padded up to a multiple of CP (x TP with sequence parallel); see `TokenSplit`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ TIMESTEP_CHANNELS = 256
 FINAL_LAYER = "final norm and projection"
 # Bytes of the float32 copies the q/k RMSNorms make of their input (they normalise in float32).
 FP32 = 4
+# Ring attention's blockwise math path: queries are taken this many at a time against each received key block.
+RING_QUERY_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -126,14 +130,66 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class TokenSplit:
+    """How a sample's tokens are split over the ranks of one TP x CP group.
+
+    The s = f x h x w tokens of a sample (after patchify) are padded with masked tokens up to a multiple of CP (x TP
+    with sequence parallel) and split evenly: each rank holds `rank_tokens` of them at the attention and the FFN
+    (heads and features split by TP), and `stream_tokens` outside the tensor-parallel matmuls (the residual stream:
+    s / (CP x TP) with sequence parallel). Inside the self-attention core, Ulysses' all-to-all over `ulysses` ranks
+    trades tokens for heads (`core_tokens` x `core_heads`), and a ring of CP / ulysses ranks passes the keys and
+    values around (ring attention)."""
+
+    tp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False  # Megatron's; no effect at TP 1
+    ulysses: Optional[int] = None  # the Ulysses degree; None: all of CP (ulysses_cp_algo)
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tp > 1
+
+    @property
+    def ulysses_degree(self) -> int:
+        return self.cp if self.ulysses is None else self.ulysses
+
+    @property
+    def ring(self) -> int:
+        return self.cp // self.ulysses_degree
+
+    def padded_tokens(self, tokens: int) -> int:
+        """A sample's tokens, padded up to a multiple of CP (x TP with sequence parallel)."""
+        multiple = self.cp * (self.tp if self.sp else 1)
+        return -(-tokens // multiple) * multiple
+
+    def rank_tokens(self, tokens: int) -> int:
+        """Tokens of one sample on this rank at the attention and the FFN (padding included)."""
+        return self.padded_tokens(tokens) // self.cp
+
+    def stream_tokens(self, tokens: int) -> int:
+        """Tokens of one sample on this rank outside the tensor-parallel matmuls (padding included)."""
+        return self.padded_tokens(tokens) // (self.cp * (self.tp if self.sp else 1))
+
+    def core_tokens(self, tokens: int) -> int:
+        """Query tokens of one sample in the self-attention core, after Ulysses' all-to-all."""
+        return self.rank_tokens(tokens) * self.ulysses_degree
+
+    def core_heads(self, num_heads: int) -> int:
+        return num_heads // (self.tp * self.ulysses_degree)
+
+
+@dataclass(frozen=True)
 class BlockActivations:
     """What one transformer block keeps for its backward on one rank, in bytes."""
 
-    residual: int  # the nine (s, D) tensors: input, norms, modulated inputs, branch outputs
+    residual: int  # the nine (s', D) tensors: input, norms, modulated inputs, branch outputs
     self_attention: int
     cross_attention: int
     feed_forward: int
     checkpoint_input: int  # what a recomputed block keeps instead: its input
+    # Not kept: ring attention's K/V receive buffers and its float32 score block while the core runs (forward and
+    # backward); 0 without a ring.
+    attention_transient: int = 0
 
     @property
     def total(self) -> int:
@@ -146,53 +202,84 @@ def _rmsnorm_copy(a: int) -> int:
     return 0 if a >= FP32 else FP32
 
 
-def block_activations(shape: DiTShape, workload: Workload, tp: int, cp: int, a: int) -> BlockActivations:
-    """Bytes one block saves for backward (autograd's saved tensors), per rank.
+def ring_attention_transient_bytes(shape: DiTShape, workload: Workload, split: TokenSplit, a: int) -> int:
+    """Ring attention's memory in flight while the core runs, beyond what it keeps: two receive buffers (double
+    buffering) of K and V, 4a s Dl, and the blockwise math path's float32 score block of one step,
+    [b, core heads, min(core tokens, 2048), core tokens] (queries chunked by 2048 against a received key block of
+    core-tokens keys). 0 without a ring (r = 1)."""
+    if split.ring <= 1:
+        return 0
+    tokens = workload.tokens(shape.patch_size)
+    core, heads = split.core_tokens(tokens), split.core_heads(shape.num_heads)
+    b = workload.batch
+    kv_buffers = 2 * 2 * a * b * core * heads * shape.head_dim
+    scores = FP32 * b * heads * min(core, RING_QUERY_CHUNK) * core
+    return kv_buffers + scores
 
-    Self-attention (CP = 1): the fused qkv output (3a, kept alive by the v view the attention saves), two float32
-    RMSNorm copies, q/k norm outputs (2a), q/k after RoPE (2a), the attention output (a, which is also proj_out's
-    input): (3a + 2c + 5a) s Dl, with c the RMSNorm copy. With Ulysses CP > 1 the attention keeps the exchanged
-    q, k, v instead of the local ones (the qkv output is then freed) and proj_out keeps the exchanged-back output:
-    (2c + 2a + 3a + a + a) s Dl (+3a s Dl in fp32, where the RMSNorm "copy" is the qkv output).
+
+def block_activations(shape: DiTShape, workload: Workload, tp: int, cp: int, a: int, *,
+                      sequence_parallel: bool = False, ulysses: Optional[int] = None) -> BlockActivations:
+    """Bytes one block saves for backward (autograd's saved tensors), per rank; `ulysses` is the Ulysses degree u
+    (None: all of CP), the ring size is CP / u.
+
+    Self-attention without Ulysses (u = 1: CP 1, or ring attention): the fused qkv output (3a, kept alive by the v
+    view the attention saves), two float32 RMSNorm copies, q/k norm outputs (2a), q/k after RoPE (2a), the attention
+    output (a, which is also proj_out's input): (3a + 2c + 5a) s Dl, with c the RMSNorm copy. With Ulysses (u > 1)
+    the attention keeps the exchanged q, k, v instead of the local ones (the qkv output is then freed) and proj_out
+    keeps the exchanged-back output: (2c + 2a + 3a + a + a) s Dl (+3a s Dl in fp32, where the RMSNorm "copy" is the
+    qkv output). The exchanged tensors hold s x u tokens x Hl / u heads: the same bytes. A ring keeps the same
+    tensors (its local q, k, v and out) and a float32 log-sum-exp [b, Hl / u, s x u] like flash attention's; what it
+    has in flight is `attention_transient` (`ring_attention_transient_bytes`).
     Cross-attention: the RMSNorm copy of q (or the q projection in fp32), q norm output, normed q, attention output:
     (4 + 3a) s Dl; the key side (kv projection, its RMSNorm copy, k norm output, normed k) is text sized; the
     boolean key mask becomes an additive (s, T) mask in the activation dtype.
     FFN: the GELU input and output (2a s Fl).
     Residual stream: x, norm1(x), the modulated attn1 input, the attn1 output, x after attn1, x after attn2,
-    norm2(x), the modulated FFN input and the FFN output: 9a s D.
+    norm2(x), the modulated FFN input and the FFN output: 9a s' D. With sequence parallel these are the rank's
+    s / TP tokens: the column-parallel linears (attn1.proj_qkv, attn2.proj_q, ff.net.0.proj) keep their local input
+    and all-gather it again in backward, and the row-parallel outputs are reduce-scattered.
     Small terms: float32 log-sum-exp per head and token of both attentions, float32 RMSNorm inverse-RMS per head and
-    token, LayerNorm mean/rstd, the (b, 6D) modulation.
+    token, LayerNorm mean/rstd (s' tokens), the (b, 6D) modulation.
     """
+    split = TokenSplit(tp, cp, sequence_parallel, ulysses)
     d = shape.hidden
-    tokens = workload.tokens(shape.patch_size)
-    s = workload.batch * tokens // cp
-    dl, fl, hl = d // tp, 4 * d // tp, shape.num_heads // tp
     b, t = workload.batch, workload.text_tokens
+    tokens = workload.tokens(shape.patch_size)
+    s = b * split.rank_tokens(tokens)
+    s_stream = b * split.stream_tokens(tokens)
+    dl, fl, hl = d // tp, 4 * d // tp, shape.num_heads // tp
     c = _rmsnorm_copy(a)
-    if cp == 1:
+    if split.ulysses_degree == 1:
         self_attn = (3 * a + 2 * c + 5 * a) * s * dl
     else:
         qkv_kept = 3 * a if c == 0 else 0
         self_attn = (qkv_kept + 2 * c + 7 * a) * s * dl
-    self_attn += FP32 * s * hl * (1 + 2)  # log-sum-exp; q and k inverse RMS
+    # log-sum-exp [b, Hl / u, s x u] of the core (float32); q and k inverse RMS (before the exchange).
+    lse = FP32 * b * split.core_heads(shape.num_heads) * split.core_tokens(tokens)
+    self_attn += lse + FP32 * s * hl * 2
     cross_attn = (FP32 + 3 * a) * s * dl + FP32 * s * hl * (1 + 1)
     cross_attn += (4 * a + c) * b * t * dl + FP32 * b * t * hl  # key side: kv, RMSNorm copy, k norm out, normed k
     cross_attn += a * s * t  # additive key mask
     # LayerNorm mean and rstd (float32) of norm1 and norm2; the block's (b, 6D) modulation and 1 + scale twice.
-    residual = 9 * a * s * d + 2 * 2 * FP32 * s + a * b * 8 * d
+    residual = 9 * a * s_stream * d + 2 * 2 * FP32 * s_stream + a * b * 8 * d
     feed_forward = 2 * a * s * fl
     return BlockActivations(residual=residual, self_attention=self_attn, cross_attention=cross_attn,
-                            feed_forward=feed_forward, checkpoint_input=a * s * d)
+                            feed_forward=feed_forward, checkpoint_input=a * s_stream * d,
+                            attention_transient=ring_attention_transient_bytes(shape, workload, split, a))
 
 
-def outside_block_activations(shape: DiTShape, workload: Workload, cp: int, a: int) -> Dict[str, int]:
+def outside_block_activations(shape: DiTShape, workload: Workload, cp: int, a: int, *, tp: int = 1,
+                              sequence_parallel: bool = False) -> Dict[str, int]:
     """Bytes kept outside the blocks, per rank: the patch embedding's input, the text projections, the tensors
-    every block shares (RoPE tables, text states, modulation), the final norm and projection, and the latents and
-    loss buffers (every CP rank holds the full latents and computes the loss on the gathered output)."""
+    every block shares (RoPE tables, text states, modulation), the final norm and projection (on the s' tokens of
+    the residual stream), and the latents and loss buffers (every CP rank holds the full latents and computes the
+    loss on the gathered output)."""
+    split = TokenSplit(tp, cp, sequence_parallel)
     d, p = shape.hidden, shape.patch_size
     b, t = workload.batch, workload.text_tokens
     tokens = workload.tokens(p)
-    s = b * tokens // cp
+    s = b * split.rank_tokens(tokens)
+    s_stream = b * split.stream_tokens(tokens)
     llm_channels, clip_channels = shape.caption_channels
     c_in = shape.in_channels * (2 if shape.i2v else 1)
     latent_elems = b * workload.latent_frames * shape.out_channels * workload.latent_height * workload.latent_width
@@ -200,9 +287,9 @@ def outside_block_activations(shape: DiTShape, workload: Workload, cp: int, a: i
         "patch embedding input": a * s * c_in * p * p,
         "text projections": a * b * (workload.llm_tokens * (llm_channels + 2 * d)
                                      + workload.clip_tokens * clip_channels),
-        "shared by the blocks (RoPE, text, modulation)": 2 * a * (tokens // cp) * shape.head_dim
+        "shared by the blocks (RoPE, text, modulation)": 2 * a * split.rank_tokens(tokens) * shape.head_dim
         + a * b * t * d + a * b * 8 * d,
-        FINAL_LAYER: 3 * a * s * d,
+        FINAL_LAYER: 3 * a * s_stream * d,
         # x0, noise, x_t, target, prediction and squared error in float32; the DiT's own copies in its dtype.
         "latents and loss": latent_elems * (6 * FP32 + 2 * a) + (latent_elems * (FP32 + 3 * a) if shape.i2v else 0),
     }
@@ -253,22 +340,37 @@ class ActivationPeak:
     peak: int
 
 
-def backward_working_bytes(shape: DiTShape, workload: Workload, tp: int, cp: int, a: int, param_bytes: int) -> int:
-    """Gradients alive beyond the saved tensors at the worst point of a block's backward (the FFN's): the incoming
-    gradient and the FFN output's gradient (2a s D), the FFN hidden gradient (a s Fl: the GELU's input gradient
+def backward_working_bytes(shape: DiTShape, workload: Workload, tp: int, cp: int, a: int, param_bytes: int, *,
+                           sequence_parallel: bool = False, ulysses: Optional[int] = None) -> int:
+    """Gradients and buffers alive beyond the saved tensors at the worst point of a block's backward.
+
+    The FFN's: the incoming gradient and the FFN output's gradient (2a s' D), with sequence parallel one
+    all-gathered (s, D) tensor at a time (the FFN output's gradient gathered for ff.net.2, then ff.net.0.proj's
+    input gathered again for its weight gradient: a s D), the FFN hidden gradient (a s Fl: the GELU's input gradient
     replaces its output's, whose saved tensor is freed), and one weight gradient (the FFN weight, until Megatron's
-    hook adds it into the main-grad buffer and frees it)."""
+    hook adds it into the main-grad buffer and frees it).
+    The self-attention's, with a ring: 2a s' D, the core output's gradient (a s Dl) and the ring's buffers and score
+    block (`ring_attention_transient_bytes`). The larger of the two."""
+    split = TokenSplit(tp, cp, sequence_parallel, ulysses)
     d = shape.hidden
-    s = workload.batch * workload.tokens(shape.patch_size) // cp
-    return 2 * a * s * d + a * s * (4 * d // tp) + param_bytes * block_parameters(shape).largest_tp_split // tp
+    tokens = workload.tokens(shape.patch_size)
+    s = workload.batch * split.rank_tokens(tokens)
+    s_stream = workload.batch * split.stream_tokens(tokens)
+    gathered = a * s * d if split.sp else 0
+    ffn = (2 * a * s_stream * d + gathered + a * s * (4 * d // tp)
+           + param_bytes * block_parameters(shape).largest_tp_split // tp)
+    ring = ring_attention_transient_bytes(shape, workload, split, a)
+    attention = 2 * a * s_stream * d + a * s * (d // tp) + ring if ring else 0
+    return max(ffn, attention)
 
 
 def activation_peak(shape: DiTShape, workload: Workload, tp: int, cp: int, recompute: Recompute, a: int,
-                    param_bytes: int) -> ActivationPeak:
+                    param_bytes: int, *, sequence_parallel: bool = False,
+                    ulysses: Optional[int] = None) -> ActivationPeak:
     """The activation peak of forward + backward on one rank.
 
     The backward runs the units (blocks, or checkpointed groups) in reverse. While unit k runs its backward, the
-    units before it still hold what they saved (a checkpointed unit: its input, a s D; a plain block: everything),
+    units before it still hold what they saved (a checkpointed unit: its input, a s' D; a plain block: everything),
     unit k holds all its blocks' activations (recomputed if checkpointed), and the backward's own gradients are in
     flight:
 
@@ -276,13 +378,16 @@ def activation_peak(shape: DiTShape, workload: Workload, tp: int, cp: int, recom
                    outside - final + max_k [ sum_{j<k} saved_j + n_k x block + backward_working ])
 
     where `final` is what the final norm and projection keep: their backward runs, and frees it, before the
-    blocks' backward starts.
+    blocks' backward starts. What a block has in flight during its forward (sequence parallel's gathered input, the
+    ring's buffers and scores) is within the same bound: the backward working set counts it, on top of the whole
+    block.
     """
-    block = block_activations(shape, workload, tp, cp, a)
-    outside = outside_block_activations(shape, workload, cp, a)
+    kw = dict(sequence_parallel=sequence_parallel, ulysses=ulysses)
+    block = block_activations(shape, workload, tp, cp, a, **kw)
+    outside = outside_block_activations(shape, workload, cp, a, tp=tp, sequence_parallel=sequence_parallel)
     units = recompute.units(shape.num_layers)
     saved = [block.checkpoint_input if checkpointed else n * block.total for n, checkpointed in units]
-    working = backward_working_bytes(shape, workload, tp, cp, a, param_bytes)
+    working = backward_working_bytes(shape, workload, tp, cp, a, param_bytes, **kw)
     outside_total = sum(outside.values())
     worst, before = 0, 0
     for (n, _), kept in zip(units, saved):
@@ -297,9 +402,15 @@ def activation_peak(shape: DiTShape, workload: Workload, tp: int, cp: int, recom
                           peak=max(end_of_forward, in_backward))
 
 
-def forward_working_bytes(shape: DiTShape, workload: Workload, tp: int, cp: int, a: int) -> int:
-    """Memory of one block's forward without autograd (DPO's frozen reference): at its largest, the FFN holds its
-    input and hidden before and after the GELU, with the residual stream alive: 3a s D + 2a s Fl."""
+def forward_working_bytes(shape: DiTShape, workload: Workload, tp: int, cp: int, a: int, *,
+                          sequence_parallel: bool = False, ulysses: Optional[int] = None) -> int:
+    """Memory of one block's forward without autograd (DPO's frozen reference): with the residual stream alive
+    (3a s' D), the larger of the FFN (its gathered input with sequence parallel, a s D, and its hidden before and
+    after the GELU, 2a s Fl) and the ring attention's buffers and score block."""
+    split = TokenSplit(tp, cp, sequence_parallel, ulysses)
     d = shape.hidden
-    s = workload.batch * workload.tokens(shape.patch_size) // cp
-    return 3 * a * s * d + 2 * a * s * (4 * d // tp)
+    tokens = workload.tokens(shape.patch_size)
+    s = workload.batch * split.rank_tokens(tokens)
+    s_stream = workload.batch * split.stream_tokens(tokens)
+    ffn = (a * s * d if split.sp else 0) + 2 * a * s * (4 * d // tp)
+    return 3 * a * s_stream * d + max(ffn, ring_attention_transient_bytes(shape, workload, split, a))

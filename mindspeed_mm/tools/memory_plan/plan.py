@@ -14,6 +14,11 @@ group), else 1:
     encoders            their parameters (raw-video training: load_video_features / load_text_features false)
 
 The transient phases do not overlap: the encoders run before the DiT's forward, the optimizer after its backward.
+With `enable_encoder_dp` (raw-video training) the iteration's encoded features are held on every rank for the whole
+step (`MemoryPlan.held`, added to the peak) and its pixels on the host before encoding (`MemoryPlan.host`).
+
+How the tokens are split (sequence parallel, the context-parallel algorithm and its Ulysses degree) is the layout's
+`split` (`dit.TokenSplit`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
-from .dit import (ActivationPeak, DiTShape, Recompute, Workload, activation_peak, block_parameters, dit_parameters,
-                  forward_working_bytes)
+from .dit import (ActivationPeak, DiTShape, Recompute, TokenSplit, Workload, activation_peak, block_parameters,
+                  dit_parameters, forward_working_bytes)
 from .encoders import BertShape, StepLLMShape, VAEShape, vae_encode_working_bytes
 
 GIB = 2**30
+
+
+# --context-parallel-algo's values, as mindspeed_mm/parallel/options.py has them (not imported: the parallel package
+# imports torch, and the planner is arithmetic).
+CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
+_ALGO_NAMES = {"ulysses_cp_algo": "Ulysses", "megatron_cp_algo": "ring", "hybrid_cp_algo": "hybrid"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,9 @@ class Layout:
     dp: int
     recompute: Recompute = Recompute()
     distributed_optimizer: bool = False
+    sequence_parallel: bool = False  # --sequence-parallel (no effect at TP 1)
+    cp_algo: str = "ulysses_cp_algo"  # --context-parallel-algo
+    ulysses_degree: Optional[int] = None  # --ulysses-degree-in-cp (hybrid_cp_algo only)
 
     @property
     def world(self) -> int:
@@ -44,8 +58,58 @@ class Layout:
     def optimizer_shards(self) -> int:
         return self.dp * self.cp if self.distributed_optimizer else 1
 
+    @property
+    def sp(self) -> bool:
+        """Sequence parallel in effect (it needs TP > 1)."""
+        return self.sequence_parallel and self.tp > 1
+
+    @property
+    def ulysses(self) -> int:
+        """The Ulysses degree u: all of CP (ulysses_cp_algo), 1 (megatron_cp_algo, ring), --ulysses-degree-in-cp
+        (hybrid_cp_algo); as `SequenceParallelOptions.ulysses_size`."""
+        if self.cp_algo == "ulysses_cp_algo":
+            return self.cp
+        if self.cp_algo == "megatron_cp_algo":
+            return 1
+        return self.ulysses_degree or 1
+
+    @property
+    def ring(self) -> int:
+        return self.cp // self.ulysses
+
+    @property
+    def split(self) -> TokenSplit:
+        return TokenSplit(self.tp, self.cp, self.sp, self.ulysses)
+
+    def flags(self) -> str:
+        """Short: `TP8 CP8 hybrid u2 +SP`."""
+        out = f"TP{self.tp} CP{self.cp}"
+        if self.cp > 1:
+            out += {"ulysses_cp_algo": " ulysses", "megatron_cp_algo": " ring"}.get(self.cp_algo,
+                                                                                    f" hybrid u{self.ulysses}")
+        return out + (" +SP" if self.sp else "")
+
+    def launcher_flags(self) -> str:
+        """The launcher's flags for this layout's parallelism."""
+        out = [f"--tensor-model-parallel-size {self.tp}", f"--context-parallel-size {self.cp}"]
+        if self.cp > 1:
+            out.append(f"--context-parallel-algo {self.cp_algo}")
+            if self.cp_algo == "hybrid_cp_algo":
+                out.append(f"--ulysses-degree-in-cp {self.ulysses}")
+        if self.sp:
+            out.append("--sequence-parallel")
+        if self.distributed_optimizer:
+            out.append("--use-distributed-optimizer")
+        return " ".join(out)
+
     def describe(self, num_layers: int) -> str:
-        return (f"TP {self.tp} x CP {self.cp} x DP {self.dp}, recompute {self.recompute.describe(num_layers)}, "
+        cp = f"CP {self.cp}"
+        if self.cp > 1:
+            algo = _ALGO_NAMES.get(self.cp_algo, self.cp_algo)
+            cp += (f" ({algo}: Ulysses {self.ulysses} x ring {self.ring})" if self.cp_algo == "hybrid_cp_algo"
+                   else f" ({algo})")
+        return (f"TP {self.tp} x {cp} x DP {self.dp}, {'sequence parallel, ' if self.sp else ''}"
+                f"recompute {self.recompute.describe(num_layers)}, "
                 f"{'distributed' if self.distributed_optimizer else 'plain'} optimizer")
 
 
@@ -77,6 +141,14 @@ class RawVideo:
     step_llm_bytes: int = 2
     clip: Optional[BertShape] = None
     clip_bytes: int = 4
+    # enable_encoder_dp (TP x CP > 1): each micro-batch of the iteration is encoded by one rank of its TP x CP group
+    # and shared (SoRAModel.encode_iteration), so the iteration's features are held on every rank:
+    # num_micro_batches x micro-batch samples, num_micro_batches = global batch / (micro-batch x DP).
+    encoder_dp: bool = False
+    global_batch: Optional[int] = None  # --global-batch-size; None: micro-batch x DP (one micro-batch)
+
+    def num_micro_batches(self, micro_batch: int, dp: int) -> int:
+        return max(1, (self.global_batch or 0) // (micro_batch * dp))
 
 
 @dataclass
@@ -94,6 +166,8 @@ class MemoryPlan:
     activations_without_recompute: Optional[ActivationPeak] = None
     activations_full_recompute: Optional[ActivationPeak] = None
     phases: Dict[str, int] = field(default_factory=dict)  # transient memory of each phase of the step
+    held: Dict[str, int] = field(default_factory=dict)  # device memory held through the step (encoder DP's features)
+    host: Dict[str, int] = field(default_factory=dict)  # host memory of note (encoder DP's pixels), not in the peak
 
     @property
     def valid(self) -> bool:
@@ -104,23 +178,34 @@ class MemoryPlan:
         return sum(self.persistent.values())
 
     @property
+    def held_total(self) -> int:
+        return sum(self.held.values())
+
+    @property
     def peak_phase(self) -> Optional[str]:
         return max(self.phases, key=self.phases.get) if self.valid else None
 
     @property
     def peak(self) -> Optional[int]:
-        """Persistent memory plus the largest transient phase; None for a layout that cannot run."""
-        return self.persistent_total + max(self.phases.values()) if self.valid else None
+        """Persistent memory, what is held through the step, and the largest transient phase; None for a layout that
+        cannot run."""
+        return self.persistent_total + self.held_total + max(self.phases.values()) if self.valid else None
 
 
 def layout_problems(shape: DiTShape, workload: Workload, layout: Layout) -> List[str]:
-    """Why a layout cannot run this model and video (the checks the DiT and the launcher make)."""
+    """Why a layout cannot run this model and video (the checks the DiT and the launcher make). The tokens are padded
+    to a multiple of CP (x TP with sequence parallel), so no size has to divide; Ulysses splits each TP rank's heads
+    over its degree u, so num_heads must be divisible by TP x u (a ring does not split heads)."""
     problems = []
-    if shape.num_heads % (layout.tp * layout.cp):
-        problems.append(f"num_heads {shape.num_heads} is not divisible by TP {layout.tp} x CP {layout.cp} = "
-                        f"{layout.tp * layout.cp}")
-    if workload.latent_frames % layout.cp:
-        problems.append(f"{workload.latent_frames} latent frames are not divisible by CP {layout.cp}")
+    if layout.cp_algo not in CP_ALGOS:
+        problems.append(f"context-parallel algorithm {layout.cp_algo!r} is not one of {', '.join(CP_ALGOS)}")
+        return problems
+    u = layout.ulysses
+    if layout.cp_algo == "hybrid_cp_algo" and (u < 1 or layout.cp % u):
+        problems.append(f"the Ulysses degree {u} does not divide CP {layout.cp} (hybrid: CP = Ulysses x ring)")
+    elif shape.num_heads % (layout.tp * u):
+        problems.append(f"num_heads {shape.num_heads} is not divisible by TP {layout.tp} x Ulysses degree {u} = "
+                        f"{layout.tp * u} (ring attention, megatron_cp_algo or hybrid_cp_algo, does not split heads)")
     if workload.latent_height % shape.patch_size or workload.latent_width % shape.patch_size:
         problems.append(f"the latent size {workload.latent_height}x{workload.latent_width} is not a multiple of "
                         f"patch_size {shape.patch_size}")
@@ -168,6 +253,26 @@ def _encoder_phase(raw: RawVideo, micro_batch: int, llm_tokens: int, clip_tokens
     return max(phases)
 
 
+def encoder_dp_bytes(shape: DiTShape, workload: Workload, raw: RawVideo, dpo: bool, dp: int) -> Tuple[int, int]:
+    """(device, host) bytes of encoder DP per rank: the iteration's encoded features (num_micro_batches x
+    micro-batch x (latents [+ the i2v condition latents] + step_llm states + CLIP states), as the encoders give them)
+    held on every rank, and its float32 pixels held on the host before encoding. DPO: winner and loser videos, one
+    prompt."""
+    samples = raw.num_micro_batches(workload.batch, dp) * workload.batch
+    videos = 2 if dpo else 1
+    features, pixels = 0, 0
+    if raw.vae is not None:
+        latent = shape.in_channels * workload.latent_frames * workload.latent_height * workload.latent_width
+        features += videos * latent * (2 if shape.i2v else 1) * raw.vae_bytes
+        pixels = 4 * videos * raw.num_frames * 3 * raw.height * raw.width
+    llm_channels, clip_channels = shape.caption_channels
+    if raw.step_llm is not None:
+        features += workload.llm_tokens * llm_channels * raw.step_llm_bytes
+    if raw.clip is not None:
+        features += workload.clip_tokens * clip_channels * raw.clip_bytes
+    return samples * features, samples * pixels
+
+
 def plan_memory(shape: DiTShape, workload: Workload, layout: Layout, training: Training = Training(),
                 raw: Optional[RawVideo] = None) -> MemoryPlan:
     """The per-rank memory of one training step (see the module docstring); `workload.batch` is the micro-batch."""
@@ -182,8 +287,10 @@ def plan_memory(shape: DiTShape, workload: Workload, layout: Layout, training: T
     plan.persistent = _persistent(shape, layout, training, raw, plan.parameters_rank)
     a = training.dtype_bytes
 
+    split = dict(sequence_parallel=layout.sp, ulysses=layout.ulysses)
+
     def peak_with(recompute: Recompute) -> ActivationPeak:
-        return activation_peak(shape, dit_work, layout.tp, layout.cp, recompute, a, training.dtype_bytes)
+        return activation_peak(shape, dit_work, layout.tp, layout.cp, recompute, a, training.dtype_bytes, **split)
 
     plan.activations = peak_with(layout.recompute)
     plan.activations_without_recompute = peak_with(Recompute())
@@ -193,7 +300,8 @@ def plan_memory(shape: DiTShape, workload: Workload, layout: Layout, training: T
         # The frozen reference runs after the actor's forward, while the actor's activations wait for backward.
         acts = plan.activations
         plan.phases["DPO reference forward"] = (sum(acts.outside.values()) + acts.saved_by_blocks
-                                                + forward_working_bytes(shape, dit_work, layout.tp, layout.cp, a))
+                                                + forward_working_bytes(shape, dit_work, layout.tp, layout.cp, a,
+                                                                        **split))
     shards = layout.optimizer_shards
     if training.backend == "cpu":
         plan.phases["optimizer step"] = 4 * block_parameters(shape).largest_tp_split // layout.tp
@@ -204,6 +312,11 @@ def plan_memory(shape: DiTShape, workload: Workload, layout: Layout, training: T
     if raw is not None and (raw.vae is not None or raw.step_llm is not None or raw.clip is not None):
         # DPO encodes the winner and the loser one after the other, and one prompt per pair.
         plan.phases["encoders"] = _encoder_phase(raw, workload.batch, workload.llm_tokens, workload.clip_tokens)
+        if raw.encoder_dp and layout.tp * layout.cp > 1:  # at TP x CP = 1 there is no group to share with
+            device, host = encoder_dp_bytes(shape, workload, raw, training.dpo, layout.dp)
+            plan.held["encoder DP: the iteration's encoded features"] = device
+            if host:
+                plan.host["encoder DP: the iteration's pixels before encoding"] = host
     return plan
 
 
@@ -218,59 +331,84 @@ class Fit:
     def layout(self) -> Layout:
         return self.plan.layout
 
-    def cost(self) -> Tuple[int, int, int, int]:
+    def cost(self) -> Tuple[int, int, int, int, int, int]:
         """The order of "cheapest": fewest recomputed blocks (each costs one more forward of that block, about a
         third of its step time), then the smallest TP (an all-reduce of the (s, D) activations after each of the
-        three row-parallel layers, in forward and backward), then the smallest CP (Ulysses: all-to-alls of the
-        1/TP-wide q, k, v and output), then the plain optimizer (the distributed one adds a reduce-scatter and an
-        all-gather per step)."""
+        three row-parallel layers, in forward and backward), then the smallest CP, then the smallest ring (Ulysses'
+        all-to-alls of the 1/TP-wide q, k, v and output before hybrid, before a ring's r - 1 steps of K and V with
+        smaller attention kernels), then sequence parallel off (the same traffic as the all-reduce, plus an
+        all-gather of each column-parallel input in backward), then the plain optimizer (the distributed one adds a
+        reduce-scatter and an all-gather per step)."""
         lay = self.layout
-        return (lay.recompute.recomputed_layers(self.plan.shape.num_layers), lay.tp, lay.cp,
+        return (lay.recompute.recomputed_layers(self.plan.shape.num_layers), lay.tp, lay.cp, lay.ring, int(lay.sp),
                 int(lay.distributed_optimizer))
 
 
-def candidate_layouts(shape: DiTShape, workload: Workload, world: int) -> List[Tuple[int, int, bool]]:
-    """(TP, CP, distributed optimizer) with TP x CP dividing the world size and the model; the distributed optimizer
-    only where DP x CP > 1 (with one rank per optimizer it changes nothing)."""
+def candidate_layouts(shape: DiTShape, workload: Workload, world: int,
+                      node_size: Optional[int] = None) -> List[Layout]:
+    """The layouts (no recompute) with TP x CP dividing the world size that the model allows: for each TP (a divisor
+    of `node_size` when given, so that a TP group stays within a node) and CP, sequence parallel off and on (TP > 1),
+    the context-parallel algorithms (Ulysses where TP x CP divides the heads, ring, and hybrid with each Ulysses
+    degree 1 < u < CP that divides CP and with TP x u dividing the heads), and the distributed optimizer where
+    DP x CP > 1 (with one rank per optimizer it changes nothing)."""
     out = []
     for tp in range(1, world + 1):
-        if world % tp:
+        if world % tp or (node_size is not None and node_size % tp):
             continue
         for cp in range(1, world // tp + 1):
             if (world // tp) % cp:
                 continue
-            layout = Layout(tp, cp, world // (tp * cp))
-            if layout_problems(shape, workload, layout):
-                continue
-            out.append((tp, cp, False))
-            if layout.dp * cp > 1:
-                out.append((tp, cp, True))
+            dp = world // (tp * cp)
+            algos = [("ulysses_cp_algo", None)]
+            if cp > 1:
+                algos.append(("megatron_cp_algo", None))
+                algos += [("hybrid_cp_algo", u) for u in range(2, cp) if cp % u == 0]
+            for algo, u in algos:
+                for sp in ((False, True) if tp > 1 else (False,)):
+                    layout = Layout(tp, cp, dp, sequence_parallel=sp, cp_algo=algo, ulysses_degree=u)
+                    if layout_problems(shape, workload, layout):
+                        continue
+                    out.append(layout)
+                    if dp * cp > 1:
+                        out.append(replace(layout, distributed_optimizer=True))
     return out
 
 
 def fitting_layouts(shape: DiTShape, workload: Workload, world: int, budget_bytes: float,
-                    training: Training = Training(), raw: Optional[RawVideo] = None) -> List[Fit]:
-    """For each (TP, CP, distributed optimizer), the least block recompute whose peak is within `budget_bytes`;
-    cheapest first (see `Fit.cost`)."""
+                    training: Training = Training(), raw: Optional[RawVideo] = None,
+                    node_size: Optional[int] = None) -> List[Fit]:
+    """For each candidate layout (`candidate_layouts`), the least block recompute whose peak is within
+    `budget_bytes`; cheapest first (see `Fit.cost`). The peak falls as more blocks are recomputed (each keeps only
+    its input), so the least is found by bisection."""
     fits = []
-    for tp, cp, distributed in candidate_layouts(shape, workload, world):
-        for recomputed in range(shape.num_layers + 1):
-            recompute = Recompute("block", recomputed) if recomputed else Recompute()
-            layout = Layout(tp, cp, world // (tp * cp), recompute, distributed)
-            plan = plan_memory(shape, workload, layout, training, raw)
+    layers = shape.num_layers
+
+    def planned(layout: Layout, recomputed: int) -> MemoryPlan:
+        recompute = Recompute("block", recomputed) if recomputed else Recompute()
+        return plan_memory(shape, workload, replace(layout, recompute=recompute), training, raw)
+
+    for layout in candidate_layouts(shape, workload, world, node_size):
+        best = planned(layout, layers)
+        if best.peak > budget_bytes:
+            continue
+        low, high = 0, layers  # high fits; find the least that does
+        while low < high:
+            mid = (low + high) // 2
+            plan = planned(layout, mid)
             if plan.peak <= budget_bytes:
-                fits.append(Fit(plan))
-                break
+                high, best = mid, plan
+            else:
+                low = mid + 1
+        fits.append(Fit(best))  # the plan of `high`
     return sorted(fits, key=Fit.cost)
 
 
 def smallest_peak(shape: DiTShape, workload: Workload, world: int, training: Training = Training(),
-                  raw: Optional[RawVideo] = None) -> Optional[MemoryPlan]:
-    """The layout with the lowest peak (full recompute, distributed optimizer where possible): what comes closest
-    when nothing fits."""
+                  raw: Optional[RawVideo] = None, node_size: Optional[int] = None) -> Optional[MemoryPlan]:
+    """The layout with the lowest peak (full recompute): what comes closest when nothing fits."""
     best = None
-    for tp, cp, distributed in candidate_layouts(shape, workload, world):
-        layout = Layout(tp, cp, world // (tp * cp), Recompute("block", shape.num_layers), distributed)
+    for layout in candidate_layouts(shape, workload, world, node_size):
+        layout = replace(layout, recompute=Recompute("block", shape.num_layers))
         plan = plan_memory(shape, workload, layout, training, raw)
         if best is None or plan.peak < best.peak:
             best = plan

@@ -8,18 +8,19 @@ from .plan import GIB, Fit, MemoryPlan
 
 BLOCK_FORMULA = (
     "kept by one block (bytes), a = bytes per activation element, c = 4 if a < 4 else 0 (the q/k RMSNorm's float32\n"
-    "    copy), s = micro-batch x tokens / CP, Dl = D/TP, Fl = 4D/TP, T = text keys:\n"
-    "      residual stream 9a s D + self-attention (8a + 2c) s Dl [CP 1] or (7a + 2c) s Dl [CP > 1]\n"
+    "    copy), s = micro-batch x padded tokens / CP, s' = s / TP with sequence parallel else s, Dl = D/TP,\n"
+    "    Fl = 4D/TP, T = text keys, u = Ulysses degree:\n"
+    "      residual stream 9a s' D + self-attention (8a + 2c) s Dl [u = 1] or (7a + 2c) s Dl [u > 1]\n"
     "      + cross-attention (4 + 3a) s Dl + a s T + FFN 2a s Fl\n"
     "      (+ float32 softmax and norm statistics, and the text-sized keys);\n"
-    "    a recomputed block keeps only its input, a s D, and is rebuilt during its backward")
+    "    a recomputed block keeps only its input, a s' D, and is rebuilt during its backward")
 
 
 def _gib(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
 
-def _rows(items, width: int = 62) -> List[str]:
+def _rows(items, width: int = 66) -> List[str]:
     return [f"  {name:<{width}} {_gib(value):>9}" for name, value in items]
 
 
@@ -51,8 +52,7 @@ def format_plan(inputs, plan: Optional[MemoryPlan]) -> str:
     mbs = inputs.workload.batch
     if plan is None or not plan.valid:
         problems = inputs.problems + (plan.problems if plan is not None else [])
-        tp, cp = inputs.tp_cp
-        lines.append(f"  layout: world {inputs.world}, TP {tp} x CP {cp}: invalid, no estimate:")
+        lines.append(f"  layout: world {inputs.world}, {inputs.flags_layout.flags()}: invalid, no estimate:")
         lines += [f"    - {p}" for p in problems]
         return "\n".join(lines)
     lay, shape = plan.layout, plan.shape
@@ -62,16 +62,18 @@ def format_plan(inputs, plan: Optional[MemoryPlan]) -> str:
                  + (f" (the actor runs winner and loser: {dit_batch} samples)" if dit_batch != mbs else ""))
     if lay.distributed_optimizer and lay.optimizer_shards == 1:
         lines.append("  (the distributed optimizer shards over DP x CP = 1 rank here: no saving)")
+    lines += _split_lines(plan)
     lines.append("")
-    lines.append(f"  {'persistent':<62} {'GiB':>9}")
+    lines.append(f"  {'persistent':<66} {'GiB':>9}")
     lines.append(f"  DiT parameters on this rank: {plan.parameters_rank:,} of {plan.parameters_total:,}")
     lines += _rows(plan.persistent.items())
     lines += _rows([("= persistent", plan.persistent_total)])
     acts = plan.activations
     block = acts.block
-    s = dit_batch * plan.workload.tokens(shape.patch_size) // lay.cp
+    split, tokens = lay.split, plan.workload.tokens(shape.patch_size)
+    s, s_stream = dit_batch * split.rank_tokens(tokens), dit_batch * split.stream_tokens(tokens)
     lines.append("")
-    lines.append(f"  activations (s = {s:,} tokens on this rank)")
+    lines.append(f"  activations (s = {s:,} tokens on this rank, s' = {s_stream:,} outside the TP matmuls)")
     lines.append("  " + BLOCK_FORMULA.replace("\n", "\n  "))
     lines += _rows([
         ("one block kept: residual stream", block.residual),
@@ -85,6 +87,8 @@ def format_plan(inputs, plan: Optional[MemoryPlan]) -> str:
         (f"all {layers} blocks kept, this layout ({lay.recompute.describe(layers)})", acts.saved_by_blocks),
     ])
     lines += _rows((f"outside the blocks: {name}", value) for name, value in acts.outside.items())
+    if block.attention_transient:
+        lines += _rows([("ring attention in flight (2 x K/V buffers, fp32 score block)", block.attention_transient)])
     lines += _rows([
         ("backward working set (gradients in flight, one weight grad)", acts.backward_working),
         ("forward + backward peak, no recompute", plan.activations_without_recompute.peak),
@@ -92,36 +96,73 @@ def format_plan(inputs, plan: Optional[MemoryPlan]) -> str:
         ("forward + backward peak, this layout", acts.peak),
     ])
     lines.append("")
-    lines.append(f"  {'transient phases (they do not overlap)':<62} {'GiB':>9}")
+    lines.append(f"  {'transient phases (they do not overlap)':<66} {'GiB':>9}")
     lines += _rows(plan.phases.items())
+    if plan.held or plan.host:
+        raw = inputs.raw
+        micro = raw.num_micro_batches(mbs, lay.dp) if raw is not None else 1
+        lines.append("")
+        lines.append(f"  {'encoder DP (enable_encoder_dp; ' + str(micro) + ' micro-batches x ' + str(mbs) + ')':<66} "
+                     f"{'GiB':>9}")
+        lines += _rows((f"{name} (device, held through the step)", value) for name, value in plan.held.items())
+        lines += _rows((f"{name} (host, not in the peak)", value) for name, value in plan.host.items())
     lines.append("")
-    lines.append(f"  peak: {_gib(plan.peak)} GiB = persistent {_gib(plan.persistent_total)} + {plan.peak_phase} "
-                 f"{_gib(plan.phases[plan.peak_phase])}")
+    held = f" + encoder DP {_gib(plan.held_total)}" if plan.held else ""
+    lines.append(f"  peak: {_gib(plan.peak)} GiB = persistent {_gib(plan.persistent_total)}{held} + "
+                 f"{plan.peak_phase} {_gib(plan.phases[plan.peak_phase])}")
     return "\n".join(lines)
 
 
+def _split_lines(plan: MemoryPlan) -> List[str]:
+    """How this rank's tokens come about: the padding, sequence parallel, the Ulysses exchange and the ring."""
+    lay, shape = plan.layout, plan.shape
+    split = lay.split
+    tokens = plan.workload.tokens(shape.patch_size)
+    padded = split.padded_tokens(tokens)
+    multiple = lay.cp * (lay.tp if split.sp else 1)
+    pad = (f"padded to {padded:,} (a multiple of {'CP x TP' if split.sp else 'CP'} = {multiple}; "
+           f"{padded - tokens:,} masked)" if padded != tokens else f"a multiple of {multiple}, no padding")
+    line = f"  tokens per sample: {tokens:,}, {pad}; {split.rank_tokens(tokens):,} on this rank"
+    if split.sp:
+        line += f", {split.stream_tokens(tokens):,} outside the TP matmuls (sequence parallel)"
+    lines = [line]
+    if lay.cp > 1:
+        core = (f"  self-attention core: {split.core_tokens(tokens):,} tokens x "
+                f"{split.core_heads(shape.num_heads)} heads per sample")
+        if split.ulysses_degree > 1:
+            core += f" after Ulysses' all-to-all over {split.ulysses_degree} ranks"
+        if split.ring > 1:
+            core += f"; ring of {split.ring} ranks passing K and V"
+        lines.append(core)
+    return lines
+
+
 def format_fits(inputs, fits: List[Fit], capacity_gib: float, margin: float, closest: Optional[MemoryPlan],
-                limit: int) -> str:
+                limit: int, node_size: Optional[int] = None) -> str:
     budget = capacity_gib * (1 - margin)
     layers = inputs.shape.num_layers
+    tp_limit = f", TP dividing {node_size} (within a node)" if node_size is not None else ""
     lines = [
         "",
         f"layouts that fit {capacity_gib:g} GB per device (peak <= {budget:.1f} GiB: {margin:.0%} kept free for "
-        f"what the model leaves out), world {inputs.world}, micro-batch {inputs.workload.batch}, with the least "
-        f"block recompute each needs; cheapest first: fewest recomputed blocks, then smallest TP, then smallest CP, "
-        f"then the plain optimizer",
+        f"what the model leaves out), world {inputs.world}{tp_limit}, micro-batch {inputs.workload.batch}, with the "
+        f"least block recompute each needs; cheapest first: fewest recomputed blocks, then smallest TP, then "
+        f"smallest CP, then Ulysses before hybrid before ring, then sequence parallel off, then the plain optimizer",
     ]
     if not fits:
         lines.append("  none fits.")
         if closest is not None:
             lines.append(f"  lowest peak: {_gib(closest.peak)} GiB with {closest.layout.describe(layers)}")
         return "\n".join(lines)
-    lines.append(f"  {'TP':>3} {'CP':>3} {'DP':>4}  {'recomputed blocks':>17}  {'optimizer':<12} {'peak GiB':>9}")
+    lines.append(f"  {'layout':<24} {'DP':>4}  {'recomputed blocks':>17}  {'optimizer':<12} {'peak GiB':>9}")
     for fit in fits[:limit]:
         lay = fit.layout
-        lines.append(f"  {lay.tp:>3} {lay.cp:>3} {lay.dp:>4}  {lay.recompute.recomputed_layers(layers):>10} of "
+        lines.append(f"  {lay.flags():<24} {lay.dp:>4}  {lay.recompute.recomputed_layers(layers):>10} of "
                      f"{layers:<3}  {'distributed' if lay.distributed_optimizer else 'plain':<12} "
                      f"{_gib(fit.plan.peak):>9}")
     if len(fits) > limit:
         lines.append(f"  ... and {len(fits) - limit} more (--max-layouts)")
+    lines.append("  (layout: TPt CPc with the context-parallel algorithm: ulysses = --context-parallel-algo "
+                 "ulysses_cp_algo, ring = megatron_cp_algo, hybrid uN = hybrid_cp_algo --ulysses-degree-in-cp N; "
+                 "+SP = --sequence-parallel)")
     return "\n".join(lines)
