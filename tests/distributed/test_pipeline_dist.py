@@ -159,6 +159,17 @@ def case_inference_i2v_cp2_matches_one_process():
     assert not torch.equal(cp.videos[0], cp.videos[1])  # two samples of the prompt
     reference = _local_reference(root / "i2v.json", ["笑起来"] * 2, seeds=[9, 10], images=[root / "first.png"] * 2)
     _assert_same_latents(cp.latents, reference, "i2v CP=2")
+    # Ring attention over CP, and TP with sequence parallel, sample the same latents.
+    from mindspeed_mm.parallel.options import SequenceParallelOptions
+
+    initialize_model_parallel(1, 2, options=SequenceParallelOptions("megatron_cp_algo"))
+    ring = run_inference(parse_args(inference_argv(root / "i2v.json", cp=2, seed=9), entry="inference"),
+                         keep_videos=True)
+    _assert_same_latents(ring.latents, reference, "i2v ring CP=2")
+    initialize_model_parallel(2, 1, options=SequenceParallelOptions(sequence_parallel=True))
+    sp = run_inference(parse_args(inference_argv(root / "i2v.json", tp=2, seed=9), entry="inference"),
+                       keep_videos=True)
+    _assert_same_latents(sp.latents, reference, "i2v TP=2 + sequence parallel")
     dist.barrier()
 
 
