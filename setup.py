@@ -23,6 +23,7 @@ setup(
         "av>=11",
         "tqdm",
         "psutil",
+        "einops",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5"],
