@@ -1,6 +1,7 @@
 """Activation memory per rank of the real-width DiT at TP=2, with and without Megatron sequence parallel.
 
-    python benchmarks/activation_memory_sp.py              # 1 block, 1024 / 2048 / 4096 tokens (a few minutes)
+    python benchmarks/activation_memory_sp.py              # 1 block, 1024 and 2048 tokens (about 7 minutes)
+    python benchmarks/activation_memory_sp.py --large      # also 4096 tokens (about 15 minutes on 2 cores)
     python benchmarks/activation_memory_sp.py --dry        # tiny model, seconds
     python benchmarks/activation_memory_sp.py --out figures.json
 
@@ -41,12 +42,12 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 TP = 2
 
 
-def settings(dry: bool) -> dict:
+def settings(dry: bool, large: bool = False) -> dict:
     if dry:
         return {"layers": 1, "heads": 4, "head_dim": 128, "caption": [64, 32], "llm": 20, "clip": 7,
                 "shapes": [[1, 4, 8], [2, 4, 8]]}
     return {"layers": 1, "heads": 48, "head_dim": 128, "caption": [6144, 1024], "llm": 320, "clip": 77,
-            "shapes": [[2, 16, 32], [4, 16, 32], [8, 16, 32]]}
+            "shapes": [[2, 16, 32], [4, 16, 32]] + ([[8, 16, 32]] if large else [])}
 
 
 def _config(cfg: dict):
@@ -175,6 +176,7 @@ def table(rows: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry", action="store_true", help="a tiny model (hidden 512) at 32 and 64 tokens: seconds")
+    parser.add_argument("--large", action="store_true", help="also 4096 tokens (about 100 s a step per setting)")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -183,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker:
         worker(json.loads(args.worker), args.worker_out)
         return 0
-    cfg = settings(args.dry)
+    cfg = settings(args.dry, args.large)
     rows = []
     for sp in (False, True):
         started = time.time()

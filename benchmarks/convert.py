@@ -40,7 +40,7 @@ def write_synthetic(folder: Path, layers: int, heads: int, head_dim: int, shard_
     import torch
     from safetensors.torch import save_file
 
-    from mindspeed_mm.models.predictor.stepvideo.state_dict_adapter import official_param_shapes
+    from mindspeed_mm.checkpoint.stepvideo_adapter import official_param_shapes
     from mindspeed_mm.tools.dit_weights import official_config
 
     config = official_config(num_layers=layers, num_heads=heads, head_dim=head_dim, in_channels=64,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mindspeed_mm.config.model import PredictorConfig  # noqa: E402
 from mindspeed_mm.models.predictor import StepVideoDiT  # noqa: E402
-from mindspeed_mm.models.predictor.stepvideo.state_dict_adapter import default_channel_split  # noqa: E402
+from mindspeed_mm.checkpoint.stepvideo_adapter import default_channel_split  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}

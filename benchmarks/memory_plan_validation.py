@@ -3,11 +3,14 @@
     python benchmarks/memory_plan_validation.py                 # the default suite, on this machine
     python benchmarks/memory_plan_validation.py --quick         # two small cases
     python benchmarks/memory_plan_validation.py --out figures.json
+    python benchmarks/memory_plan_validation.py --only "+SP"    # the cases whose description contains this text
 
 Two kinds of case, each run in a fresh process (torchrun for two ranks: gloo on CPU; two GPUs on CUDA):
 
 - "activations": a real-width DiT (hidden 6144, 48 heads x 128) with 1 or 2 blocks, bf16, forward + backward on
-  latents of several token counts, at 1 rank, TP=2 and CP=2, with and without recompute. As in training, each
+  latents of several token counts, at 1 rank, TP=2 and CP=2 (Ulysses), TP=2 with sequence parallel and CP=2 ring
+  attention (megatron_cp_algo), the latter two also at 2,025 tokens (padded to a multiple of CP x TP), and with
+  --hybrid CP=4 hybrid_cp_algo with Ulysses degree 2 (four ranks), with and without recompute. As in training, each
   weight gradient is dropped as soon as it is complete (Megatron DDP adds it into its float32 buffer and frees it;
   that buffer is the "training" case's business). Measured: the peak minus the memory before the step; predicted:
   the planner's activation peak.
@@ -134,7 +137,8 @@ def predict(case: dict, device_type: str) -> dict:
                         latent_width=case["width"], llm_tokens=LLM_TOKENS, clip_tokens=CLIP_TOKENS)
     recompute = Recompute("block", case["layers"]) if case["recompute"] else Recompute()
     layout = Layout(case["tp"], case["cp"], case["world"] // (case["tp"] * case["cp"]), recompute,
-                    case.get("distributed_optimizer", False))
+                    case.get("distributed_optimizer", False), sequence_parallel=case.get("sp", False),
+                    cp_algo=case.get("cp_algo", "ulysses_cp_algo"), ulysses_degree=case.get("ulysses_degree"))
     # On CPU, gloo and torch's per-tensor Adam have their own temporaries (see Training.backend).
     backend = "cpu" if device_type == "cpu" else "accelerator"
     plan = plan_memory(shape, workload, layout, Training(dtype_bytes=2, backend=backend))
@@ -228,10 +232,14 @@ def worker(case: dict, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from mindspeed_mm.parallel.options import SequenceParallelOptions
     from mindspeed_mm.runtime import initialize_runtime
 
     torch.manual_seed(0)
-    initialize_runtime(case["tp"], case["cp"], 1, seed=1234)  # the device's library: gloo on CPU, NCCL on CUDA
+    sequence = SequenceParallelOptions(case.get("cp_algo", "ulysses_cp_algo"), case.get("ulysses_degree"),
+                                       case.get("sp", False))
+    # the device's library: gloo on CPU, NCCL on CUDA
+    initialize_runtime(case["tp"], case["cp"], 1, seed=1234, sequence=sequence)
     result = run_training_case(case) if case["kind"] == "training" else run_activation_case(case)
     result["rank"] = dist.get_rank()
     result["device"] = _device().type
@@ -244,12 +252,16 @@ def worker(case: dict, out_dir: str) -> None:
 # --- the suite, in the driver process -------------------------------------------------------
 
 
-def _case(kind, world, tp, cp, layers, frames, height, width, recompute, distributed_optimizer=False) -> dict:
-    return {"kind": kind, "world": world, "tp": tp, "cp": cp, "layers": layers, "frames": frames, "height": height,
+def _case(kind, world, tp, cp, layers, frames, height, width, recompute, distributed_optimizer=False,
+          sp=False, cp_algo="ulysses_cp_algo", ulysses_degree=None) -> dict:
+    case = {"kind": kind, "world": world, "tp": tp, "cp": cp, "layers": layers, "frames": frames, "height": height,
             "width": width, "recompute": recompute, "distributed_optimizer": distributed_optimizer}
+    if sp or cp_algo != "ulysses_cp_algo":  # the sequence options, only where they differ from the defaults
+        case.update(sp=sp, cp_algo=cp_algo, ulysses_degree=ulysses_degree)
+    return case
 
 
-def default_suite(quick: bool) -> List[dict]:
+def default_suite(quick: bool, hybrid: bool = False) -> List[dict]:
     """Token counts 512 to 4096 (frames x 16 x 32 latents), kept within this machine's memory."""
     if quick:
         return [_case("activations", 1, 1, 1, 1, 1, 16, 32, False),
@@ -264,6 +276,17 @@ def default_suite(quick: bool) -> List[dict]:
         for frames in (2, 8):
             for recompute in (False, True):
                 cases.append(_case("activations", 2, tp, cp, 1, frames, 16, 32, recompute))
+    # Sequence parallel (TP 2) and ring attention (CP 2): 2,048 and 4,096 tokens, and 2,025 (5 x 15 x 27: odd, so
+    # the tokens are padded to a multiple of CP x TP); hybrid CP 4 (Ulysses 2 x ring 2) needs four ranks (--hybrid).
+    for frames, height, width in ((4, 16, 32), (8, 16, 32), (5, 15, 27)):
+        for recompute in (False, True):
+            cases.append(_case("activations", 2, 2, 1, 1, frames, height, width, recompute, sp=True))
+            cases.append(_case("activations", 2, 1, 2, 1, frames, height, width, recompute,
+                               cp_algo="megatron_cp_algo"))
+    if hybrid:
+        for recompute in (False, True):
+            cases.append(_case("activations", 4, 1, 4, 1, 5, 15, 27, recompute, cp_algo="hybrid_cp_algo",
+                               ulysses_degree=2))
     cases += [_case("training", 1, 1, 1, 2, 2, 16, 32, False),
               _case("training", 2, 1, 1, 2, 2, 16, 32, False, distributed_optimizer=True),
               _case("training", 2, 2, 1, 2, 2, 16, 32, True),
@@ -310,6 +333,13 @@ def describe(case: dict) -> str:
     tokens = case["frames"] * case["height"] * case["width"]
     what = f"{case['layers']} layer{'s' if case['layers'] > 1 else ''}, {tokens} tokens"
     layout = f"TP {case['tp']} CP {case['cp']} DP {case['world'] // (case['tp'] * case['cp'])}"
+    algo = case.get("cp_algo", "ulysses_cp_algo")
+    if algo == "megatron_cp_algo":
+        layout += " ring"
+    elif algo == "hybrid_cp_algo":
+        layout += f" hybrid u{case['ulysses_degree']}"
+    if case.get("sp") and case["tp"] > 1:
+        layout += " +SP"
     extra = ", recompute" if case["recompute"] else ""
     if case["kind"] == "training":
         extra += ", distributed optimizer" if case["distributed_optimizer"] else ", plain optimizer"
@@ -330,6 +360,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     parser.add_argument("--only", default=None, help="run the cases whose description contains this text")
+    parser.add_argument("--hybrid", action="store_true", help="add the hybrid CP 4 (u2) cases: four ranks")
     parser.add_argument("--repredict", default=None,
                         help="a JSON file of an earlier --out: compare its measurements with the planner as it is now")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -347,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             row["predicted"] = predict(row["case_spec"], row.get("device", "cpu"))[key]
     else:
         rows = []
-        for case in default_suite(args.quick):
+        for case in default_suite(args.quick, args.hybrid):
             if args.only and args.only not in describe(case):
                 continue
             rows += measure(case, args.threads)

@@ -128,7 +128,7 @@ def _dit_channels():
 
 
 def _head_dim():
-    from mindspeed_mm.models.predictor.stepvideo.state_dict_adapter import default_channel_split
+    from mindspeed_mm.checkpoint.stepvideo_adapter import default_channel_split
 
     default_channel_split(12)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mindspeed_mm.data import video_io
-from mindspeed_mm.data.video_io import (DecordVideo, PyAVVideo, VideoReadError, decord_available, open_video,
+from mindspeed_mm.io import video as video_io
+from mindspeed_mm.io.video import (DecordVideo, PyAVVideo, VideoReadError, decord_available, open_video,
                                         write_video)
 
 LEVEL0, LEVEL_STEP = 20, 4  # frame i is a flat grey of level 20 + 4 i (decodes within about 1.5 of it)

@@ -13,7 +13,7 @@ from mindspeed_mm.checkpoint import CheckpointError, save_model_state_dict, writ
 from mindspeed_mm.config import ConfigError
 from mindspeed_mm.config.model import PredictorConfig
 from mindspeed_mm.models.predictor import PretrainedLoadError, StepVideoDiT
-from mindspeed_mm.models.weights_layout import WeightsNotFoundError
+from mindspeed_mm.checkpoint.official_layout import WeightsNotFoundError
 from mindspeed_mm.tools.dit_weights import official_config, random_official_state_dict, write_official_dit
 
 

@@ -8,9 +8,9 @@ import torch
 from mindspeed_mm.config.model import PredictorConfig
 from mindspeed_mm.models import get_model_class
 from mindspeed_mm.models.predictor import StepVideoDiT
-from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
-from mindspeed_mm.models.predictor.stepvideo.parallelize import (check_heads_divisible,
-                                                                 plan_for_parameter)
+from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
+from mindspeed_mm.checkpoint.stepvideo_layout import plan_for_parameter
+from mindspeed_mm.models.predictor.stepvideo.parallelize import check_heads_divisible
 from mindspeed_mm.runtime import ParallelConfigError
 from mindspeed_mm.tools.dit_weights import official_config, random_official_state_dict, write_tiny_dit
 

@@ -22,7 +22,7 @@ from mindspeed_mm.checkpoint import (CheckpointError, checkpoint_load_errors, lo
                                      save_model_state_dict)
 from mindspeed_mm.checkpoint.convert import merge, split
 from mindspeed_mm.errors import MindSpeedMMError
-from mindspeed_mm.models.common.safetensors_io import WeightsFileError
+from mindspeed_mm.checkpoint.safetensors_io import WeightsFileError
 from mindspeed_mm.models.predictor import StepVideoDiT
 from mindspeed_mm.models.text_encoder import (BertPromptTokenizer, HunyuanClipEncoder, StepChatTokenizer,
                                               StepLLMEncoder)

@@ -15,7 +15,7 @@ import pytest
 
 from mindspeed_mm.config.model import PredictorConfig
 from mindspeed_mm.models.predictor import StepVideoDiT
-from mindspeed_mm.models.predictor.stepvideo.parallelize import plan_for_parameter, split_dim
+from mindspeed_mm.checkpoint.stepvideo_layout import plan_for_parameter, split_dim
 from mindspeed_mm.parallel.options import SequenceParallelOptions
 from mindspeed_mm.tools.memory_plan import (GIB, DiTShape, Layout, RawVideo, Recompute, Training, VAEShape, Workload,
                                             block_activations, dit_parameters, fitting_layouts, layout_problems,
@@ -470,3 +470,19 @@ def test_validation_script_predicts_its_cases():
         assert figures["predicted"] > 0
         if case["kind"] == "training":
             assert 0 < figures["predicted_persistent"] < figures["predicted"]
+
+
+def test_sp_activation_script_arithmetic():
+    """benchmarks/activation_memory_sp.py without launching ranks (its --dry run takes ~30 s on two cores): the
+    planner's figures it prints, and its table."""
+    script = _script("activation_memory_sp")
+    for dry in (True, False):
+        cfg = script.settings(dry)
+        for shape in cfg["shapes"]:
+            for recompute in (False, True):
+                assert 0 < script.predict(cfg, shape, True, recompute) < script.predict(cfg, shape, False, recompute)
+    rows = [{"rank": r, "sp": sp, "recompute": rc, "tokens": 1024, "saved_blocks": 100 if sp else 200,
+             "saved_all": 150 if sp else 300, "peak": (400 if sp else 500) + r, "predicted": 1}
+            for r in (0, 1) for sp in (False, True) for rc in (False, True)]
+    out = script.table(rows)
+    assert out.count("| 1024 |") == 2 and "| 0.50 |" in out and "| 0.80 |" in out

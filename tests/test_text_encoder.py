@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from mindspeed_mm.config.model import TextEncoderConfig, TokenizerConfig
 from mindspeed_mm.models import get_model_class
-from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError
+from mindspeed_mm.checkpoint.safetensors_io import CheckpointMismatchError
 from mindspeed_mm.models.text_encoder import (
     BertPromptTokenizer,
     HunyuanClipEncoder,
@@ -24,7 +24,7 @@ from mindspeed_mm.models.text_encoder import (
     StepLLMEncoder,
     StepVideoTextEncoder,
 )
-from mindspeed_mm.models.weights_layout import WeightsNotFoundError
+from mindspeed_mm.checkpoint.official_layout import WeightsNotFoundError
 from mindspeed_mm.tools.text_encoder_weights import (
     CORPUS,
     train_stepchat_tokenizer,

@@ -33,8 +33,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models.common.safetensors_io import check_keys_and_shapes, open_safetensors, read_json_file
-from ..models.predictor.stepvideo import state_dict_adapter as adapter
+from .safetensors_io import check_keys_and_shapes, open_safetensors, read_json_file
+from . import stepvideo_adapter as adapter
 from .megatron_layout import (
     CHECKPOINT_FILENAME,
     RELEASE,
@@ -286,7 +286,7 @@ def _official_config(source: Path, headers: Dict[str, Tuple[Path, Tuple[int, ...
 
 def _official_config_from_shapes(shapes: Dict[str, Tuple[int, ...]], source: str) -> dict:
     from ..config.model import PredictorConfig
-    from ..models.predictor.stepvideo.pretrained import infer_config_from_state_dict
+    from .stepvideo_adapter import infer_config_from_state_dict
 
     class _Shape:  # infer_config_from_state_dict reads `.shape` only
         def __init__(self, shape):

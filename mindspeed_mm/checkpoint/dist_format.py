@@ -39,7 +39,7 @@ def load_dit_weights(model: torch.nn.Module, iter_dir) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from ..models.predictor.stepvideo.sharded_state_dict import dit_sharded_state_dict
+    from .stepvideo_sharded import dit_sharded_state_dict
 
     _initialised()
     sharded = dit_sharded_state_dict(model, prefix=MODEL_PREFIX)
@@ -84,7 +84,7 @@ def read_full_model(iter_dir) -> Dict[str, torch.Tensor]:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from ..models.predictor.stepvideo.parallelize import plan_for_parameter
+    from .stepvideo_layout import plan_for_parameter
 
     _initialised()
     metadata = dist_checkpointing.load_tensors_metadata(str(iter_dir))

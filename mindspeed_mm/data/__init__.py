@@ -10,7 +10,7 @@ from .frame_sampling import (clip_indices, nearest_smaller_4k_plus_1, pad_last_f
 from .manifest import Manifest, ManifestError, ManifestRow, choose_caption, read_manifest
 from .sampler import ResumableDistributedSampler, build_dataloader
 from .transforms import center_crop, cover_size, normalize, preprocess_frames, resize_uint8
-from .video_io import (READER_TYPES, DecordVideo, PyAVVideo, VideoReadError, decord_available, open_video,
+from ..io.video import (READER_TYPES, DecordVideo, PyAVVideo, VideoReadError, decord_available, open_video,
                        write_video)
 
 __all__ = [

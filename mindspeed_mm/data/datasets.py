@@ -27,7 +27,7 @@ from ..errors import MindSpeedMMError
 from .frame_sampling import pad_last_frame, select_frame_indices
 from .manifest import Manifest, ManifestError, ManifestRow, choose_caption, format_lines, read_manifest
 from .transforms import preprocess_frames
-from .video_io import VideoReadError, open_video
+from ..io.video import VideoReadError, open_video
 
 logger = logging.getLogger(__name__)
 

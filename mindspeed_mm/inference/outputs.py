@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..data import write_video
-from ..data.video_io import encode_frames
+from ..io.video import encode_frames
 
 GRID_NAME = "video_grid.mp4"
 GRID_PADDING = 1

@@ -23,7 +23,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
-from mindspeed_mm.models.predictor.stepvideo.state_dict_adapter import official_param_shapes
+from mindspeed_mm.checkpoint.stepvideo_adapter import official_param_shapes
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"

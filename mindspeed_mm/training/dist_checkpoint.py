@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..checkpoint.dist_format import MODEL_PREFIX
 from ..checkpoint.megatron_layout import CheckpointError
-from ..models.predictor.stepvideo.parallelize import plan_for_parameter, split_dim
+from ..checkpoint.stepvideo_layout import plan_for_parameter, split_dim
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
 
@@ -162,7 +162,7 @@ def training_state(model, optimizer, scheduler, iteration: int, consumed: int, i
     """The sharded state dict of a training checkpoint (see the module docstring)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from ..models.predictor.stepvideo.sharded_state_dict import dit_sharded_state_dict
+    from ..checkpoint.stepvideo_sharded import dit_sharded_state_dict
     from .checkpointing import _rng_state
 
     model_state = dit_sharded_state_dict(model.predictor, prefix=MODEL_PREFIX)

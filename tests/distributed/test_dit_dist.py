@@ -90,7 +90,7 @@ def _close(name, got, want, rtol=1e-4):
 
 
 def _full_gradient(key, grad, state):
-    from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
+    from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
 
     if state.cp > 1:  # Megatron DDP averages over data x context parallel
         grad = grad.clone()
@@ -111,7 +111,7 @@ def _check_tp_attributes(model):
     """Megatron's grad norm (and so clipping) counts a parameter on every TP rank only when it is marked
     `tensor_model_parallel`; unmarked, it is counted on TP rank 0 alone. Loaded weights (no init) must be marked
     exactly when they are split."""
-    from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
+    from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
 
     for key, param in model.named_parameters():
         split = adapter.full_shape(key, param.shape, 2) != tuple(param.shape)  # split by the plan (at any TP)

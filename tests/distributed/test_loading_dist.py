@@ -49,7 +49,7 @@ def _adapter_shards(folder: Path, tp_rank: int, tp: int) -> dict:
     """What the old loader put in each parameter: permute the whole official tensor, then take the rank's shard."""
     from safetensors.torch import load_file
 
-    from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
+    from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
 
     on_disk = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     return adapter.shard_state_dict(adapter.official_to_ours(on_disk, 16), tp_rank, tp)
@@ -85,7 +85,7 @@ def _args(load: Path, reference_path=None):
     from types import SimpleNamespace
 
     from mindspeed_mm.config.model import DPOConfig, PredictorConfig
-    from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
+    from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
 
     official = load.parent / "transformer"
     kwargs = adapter.predictor_kwargs_from_official_config(json.loads((official / "config.json").read_text()), "")

@@ -61,7 +61,7 @@ def _run(model):
 @dist_case(world_size=4)
 def case_real_width_block_tp2_sp_cp2_matches_tp1():
     from mindspeed_mm.models.predictor import StepVideoDiT
-    from mindspeed_mm.models.predictor.stepvideo import state_dict_adapter as adapter
+    from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
     from mindspeed_mm.parallel.options import SequenceParallelOptions
     from mindspeed_mm.runtime import initialize_model_parallel, set_random_seed
     from mindspeed_mm.tools.dit_weights import write_tiny_dit

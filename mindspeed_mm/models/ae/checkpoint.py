@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from safetensors import safe_open
 from ...errors import MindSpeedMMError
-from ..weights_layout import WeightsNotFoundError
+from ...checkpoint.official_layout import WeightsNotFoundError
 
 WEIGHT_FILES = {2: "vae_v2.safetensors", 1: "vae.safetensors"}
 _DISK_PREFIX = "decoder.conv_out."

@@ -12,10 +12,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ...checkpoint.megatron_layout import describe_torch_load_error
-from ..common.safetensors_io import (REDOWNLOAD_FIX, CheckpointMismatchError, WeightsFileError,
+from ...checkpoint.safetensors_io import (REDOWNLOAD_FIX, CheckpointMismatchError, WeightsFileError,
                                      describe_safetensors_error, read_json_file)
 from ..registry import register_model
-from ..weights_layout import OFFICIAL_LAYOUT, WeightsNotFoundError, require_file, require_path
+from ...checkpoint.official_layout import OFFICIAL_LAYOUT, WeightsNotFoundError, require_file, require_path
 
 logger = logging.getLogger(__name__)
 

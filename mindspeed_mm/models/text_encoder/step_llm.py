@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config.base import ConfigError
-from ..common.safetensors_io import load_sharded_safetensors, read_json_file, shard_map
+from ...checkpoint.safetensors_io import load_sharded_safetensors, read_json_file, shard_map
 from ..registry import register_model
-from ..weights_layout import require_file, require_path
+from ...checkpoint.official_layout import require_file, require_path
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"

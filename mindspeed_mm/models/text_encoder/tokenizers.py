@@ -12,8 +12,8 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ...config.base import ConfigError
-from ..common.safetensors_io import REDOWNLOAD_FIX, WeightsFileError, read_json_file
-from ..weights_layout import WeightsNotFoundError, require_path
+from ...checkpoint.safetensors_io import REDOWNLOAD_FIX, WeightsFileError, read_json_file
+from ...checkpoint.official_layout import WeightsNotFoundError, require_path
 
 # Must exist in step1_chat_tokenizer.model; the first six as control tokens (the official check).
 STEPCHAT_CONTROL_TOKENS = ("<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>", "<|THINK_END|>")

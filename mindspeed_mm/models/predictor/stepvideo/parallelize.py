@@ -1,7 +1,8 @@
 """Where tensor and context parallelism go in the StepVideo DiT: the plan, kept beside the math.
 
-Tensor parallel (TP), as in MindSpeed-MM (reference §2). Keys are module names relative to a
-transformer block, or to the model for `adaln_single.linear`:
+Tensor parallel (TP), as in MindSpeed-MM (reference §2). The table's data (`TP_PLAN`) lives in
+`mindspeed_mm/checkpoint/stepvideo_layout.py`, shared with the formats that store the shards. Keys are
+module names relative to a transformer block, or to the model for `adaln_single.linear`:
 
 | module               | style                         | weight rows/cols held by TP rank r               |
 |----------------------|-------------------------------|--------------------------------------------------|
@@ -57,65 +58,19 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from mindspeed_mm.checkpoint.stepvideo_layout import TP_FLAG, TP_PLAN
 from mindspeed_mm.parallel import gather_forward_split_backward, split_forward_gather_backward
 from mindspeed_mm.runtime.initialize import ParallelConfigError
 
-TP_FLAG = "--tensor-model-parallel-size"
 CP_FLAG = "--context-parallel-size"
 
 # Dimension of the (b, s, D) token stream that context and sequence parallel split.
 TOKEN_DIM = 1
-
-
-@dataclass(frozen=True)
-class LinearPlan:
-    """How one linear layer is split over the tensor-parallel group."""
-
-    style: str  # "column" (output features split) or "row" (input features split)
-    fused: int = 1  # column only: the weight stacks this many equal parts, each split on its own
-    gather_output: bool = False  # column only: all ranks get the full output
-    # Under --sequence-parallel the layer's token axis is split over TP outside it: a column layer all-gathers its
-    # input (reduce-scatters the input gradient), a row layer reduce-scatters its output. False for the layers
-    # whose input is not the token stream (the text, the timestep embedding).
-    sequence_parallel: bool = True
-
-
-TP_PLAN: Dict[str, LinearPlan] = {
-    "attn1.proj_qkv": LinearPlan("column", fused=3),
-    "attn1.proj_out": LinearPlan("row"),
-    "attn2.proj_q": LinearPlan("column"),
-    "attn2.proj_kv": LinearPlan("column", fused=2, sequence_parallel=False),
-    "attn2.proj_out": LinearPlan("row"),
-    "ff.net.0.proj": LinearPlan("column"),
-    "ff.net.2": LinearPlan("row"),
-    "adaln_single.linear": LinearPlan("column", gather_output=True, sequence_parallel=False),
-}
-
-
-def plan_for_module(module_name: str) -> Optional[LinearPlan]:
-    """The TP plan of a module given its full dotted name, or None when it is replicated."""
-    for name, plan in TP_PLAN.items():
-        if module_name == name or module_name.endswith("." + name):
-            return plan
-    return None
-
-
-def plan_for_parameter(key: str) -> Tuple[Optional[LinearPlan], str]:
-    """(plan, "weight" | "bias") for a state-dict key; plan is None for replicated tensors."""
-    module_name, _, leaf = key.rpartition(".")
-    return plan_for_module(module_name), leaf
-
-
-def split_dim(plan: LinearPlan, leaf: str) -> Optional[int]:
-    """The tensor dimension that TP splits for this parameter, or None when replicated."""
-    if plan.style == "column":
-        return 0
-    return 1 if leaf == "weight" else None  # a row-parallel bias is added after the all-reduce
 
 
 # --- the parallel state the model runs in ---------------------------------------------------

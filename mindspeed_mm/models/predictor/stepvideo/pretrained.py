@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
@@ -39,21 +38,20 @@ from mindspeed_mm.checkpoint.dist_format import MODEL_PREFIX, is_dist_checkpoint
 from mindspeed_mm.checkpoint.megatron_layout import iteration_dir
 from mindspeed_mm.config.base import ConfigError, from_dict, to_dict
 from mindspeed_mm.config.model import PredictorConfig
-from mindspeed_mm.models.common.safetensors_io import CheckpointMismatchError, open_safetensors, read_json_file
-from mindspeed_mm.models.weights_layout import OFFICIAL_LAYOUT, WeightsNotFoundError
+from mindspeed_mm.checkpoint.safetensors_io import open_safetensors, read_json_file
+from mindspeed_mm.checkpoint.official_layout import OFFICIAL_LAYOUT, WeightsNotFoundError
 from mindspeed_mm.runtime.device import current_device
 
-from . import state_dict_adapter as adapter
-from .parallelize import current_parallel_state, plan_for_parameter
+from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
+from mindspeed_mm.checkpoint.stepvideo_adapter import PretrainedLoadError, infer_config_from_state_dict
+from mindspeed_mm.checkpoint.stepvideo_layout import plan_for_parameter
+
+from .parallelize import current_parallel_state
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 _LIST_LIMIT = 20
-
-
-class PretrainedLoadError(CheckpointMismatchError):
-    """Weights that do not match the model; the message names the path and the keys."""
 
 
 def _listing(items, limit=_LIST_LIMIT) -> str:
@@ -130,29 +128,6 @@ def _official_config(path: Path, config: Optional[PredictorConfig], overrides: M
     base.update(official)
     base.pop("from_pretrained", None)
     return _make_config(base, overrides, str(cfg_path))
-
-
-def infer_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> Dict:
-    """PredictorConfig keys read off the tensor shapes of a (TP-sharded) state dict, our names."""
-    need = ["pos_embed.proj.weight", "proj_out.weight", "caption_projection.linear_1.weight",
-            "clip_projection.weight", "transformer_blocks.0.attn1.q_norm.weight"]
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise PretrainedLoadError(
-            f"{source}: cannot read the DiT configuration off the checkpoint, key(s) {missing} are absent. "
-            f"Pass config=PredictorConfig(...) (the model JSON's predictor section) to from_pretrained."
-        )
-    head_dim = sd["transformer_blocks.0.attn1.q_norm.weight"].shape[0]
-    dim, c_in, p, _ = sd["pos_embed.proj.weight"].shape
-    i2v = any(k.startswith("adaln_single.emb.motion_score_embedder.") for k in sd)
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
-    return {
-        "num_layers": layers, "num_heads": dim // head_dim, "head_dim": head_dim,
-        "in_channels": c_in // (2 if i2v else 1), "out_channels": sd["proj_out.weight"].shape[0] // (p * p),
-        "patch_size": p, "patch_size_thw": [1, p, p], "use_additional_conditions": i2v,
-        "caption_channels": [sd["caption_projection.linear_1.weight"].shape[1], sd["clip_projection.weight"].shape[1]],
-        "norm_elementwise_affine": "norm_out.weight" in sd,
-    }
 
 
 # --- strict loading -------------------------------------------------------------------------

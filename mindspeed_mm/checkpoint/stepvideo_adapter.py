@@ -22,12 +22,14 @@ with `predictor_kwargs_from_official_config`, and back with `official_config_fro
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ....errors import MindSpeedMMError
-from .parallelize import TP_FLAG, plan_for_parameter, split_dim
+from ..errors import MindSpeedMMError
+from .safetensors_io import CheckpointMismatchError
+from .stepvideo_layout import TP_FLAG, plan_for_parameter, split_dim
 
 
 class WeightsLayoutError(MindSpeedMMError, ValueError):
@@ -347,4 +349,31 @@ def official_config_from_predictor(cfg) -> Dict:
         "use_additional_conditions": cfg.use_additional_conditions,
         "caption_channels": list(cfg.caption_channels),
         "attention_type": "torch",
+    }
+
+
+class PretrainedLoadError(CheckpointMismatchError):
+    """Weights that do not match the model; the message names the path and the keys."""
+
+
+def infer_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> Dict:
+    """PredictorConfig keys read off the tensor shapes of a (TP-sharded) state dict, our names."""
+    need = ["pos_embed.proj.weight", "proj_out.weight", "caption_projection.linear_1.weight",
+            "clip_projection.weight", "transformer_blocks.0.attn1.q_norm.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise PretrainedLoadError(
+            f"{source}: cannot read the DiT configuration off the checkpoint, key(s) {missing} are absent. "
+            f"Pass config=PredictorConfig(...) (the model JSON's predictor section) to from_pretrained."
+        )
+    head_dim = sd["transformer_blocks.0.attn1.q_norm.weight"].shape[0]
+    dim, c_in, p, _ = sd["pos_embed.proj.weight"].shape
+    i2v = any(k.startswith("adaln_single.emb.motion_score_embedder.") for k in sd)
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
+    return {
+        "num_layers": layers, "num_heads": dim // head_dim, "head_dim": head_dim,
+        "in_channels": c_in // (2 if i2v else 1), "out_channels": sd["proj_out.weight"].shape[0] // (p * p),
+        "patch_size": p, "patch_size_thw": [1, p, p], "use_additional_conditions": i2v,
+        "caption_channels": [sd["caption_projection.linear_1.weight"].shape[1], sd["clip_projection.weight"].shape[1]],
+        "norm_elementwise_affine": "norm_out.weight" in sd,
     }

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ...errors import MindSpeedMMError
-from ..weights_layout import WeightsNotFoundError
+from ..errors import MindSpeedMMError
+from .official_layout import WeightsNotFoundError
 
 # What to do about a damaged file of the download, when the caller does not say.
 REDOWNLOAD_FIX = ("Download the file again: an interrupted download or copy leaves it short (compare its size with "

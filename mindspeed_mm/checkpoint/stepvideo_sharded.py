@@ -19,7 +19,7 @@ from typing import Dict
 
 import torch
 
-from .parallelize import plan_for_parameter, split_dim
+from .stepvideo_layout import plan_for_parameter, split_dim
 
 
 def _groups():
