@@ -41,7 +41,7 @@ def write_synthetic(folder: Path, layers: int, heads: int, head_dim: int, shard_
     from safetensors.torch import save_file
 
     from mindspeed_mm.checkpoint.stepvideo_adapter import official_param_shapes
-    from mindspeed_mm.tools.dit_weights import official_config
+    from mindspeed_mm.tiny.dit import official_config
 
     config = official_config(num_layers=layers, num_heads=heads, head_dim=head_dim, in_channels=64,
                              caption_channels=(6144, 1024))

@@ -260,7 +260,7 @@ def write_inputs(work: Path, layers: int, heads: int, head_dim: int, train_heads
 
     sys.path.insert(0, str(REPO))
     from mindspeed_mm.checkpoint.convert import split
-    from mindspeed_mm.tools.dit_weights import official_config, write_tiny_dit
+    from mindspeed_mm.tiny.dit import official_config, write_tiny_dit
 
     common = dict(in_channels=64, caption_channels=(6144, 1024), dtype=torch.bfloat16, num_shards=4)
     if real_width and not (work / "transformer" / "config.json").is_file():

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mindspeed_mm.models.ae import StepVideoVAE, blocks  # noqa: E402
-from mindspeed_mm.tools.vae_weights import init_random_weights, smooth_video  # noqa: E402
+from mindspeed_mm.tiny.vae import init_random_weights, smooth_video  # noqa: E402
 
 TARGET = (17, 544, 992)
 DEFAULT_TILE, DEFAULT_OVERLAP = 256, 64

@@ -19,7 +19,7 @@ from mindspeed_mm.checkpoint.file_pages import FilePages
 from mindspeed_mm.models.predictor import PretrainedLoadError, StepVideoDiT
 from mindspeed_mm.models.predictor.stepvideo import pretrained
 from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
-from mindspeed_mm.tools.dit_weights import official_config, random_official_state_dict, write_official_dit
+from mindspeed_mm.tiny.dit import official_config, random_official_state_dict, write_official_dit
 
 REPO = Path(__file__).resolve().parents[1]
 

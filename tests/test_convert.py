@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from mindspeed_mm.checkpoint.convert import ConversionError, export, merge, split
 from mindspeed_mm.checkpoint.megatron_layout import CheckpointError
 from mindspeed_mm.checkpoint.safetensors_io import CheckpointMismatchError
-from mindspeed_mm.tools.dit_weights import write_tiny_dit
+from mindspeed_mm.tiny.dit import write_tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "stepvideo" / "convert_ckpt_to_mm.py"

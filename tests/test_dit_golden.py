@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mindspeed_mm.models.predictor import StepVideoDiT
-from mindspeed_mm.tools.dit_weights import write_official_dit
+from mindspeed_mm.tiny.dit import write_official_dit
 
 GOLDEN = Path(__file__).parent / "golden" / "stepvideo"
 CASES = ["dit_t2v", "dit_ti2v"]

@@ -14,7 +14,7 @@ from mindspeed_mm.config import ConfigError
 from mindspeed_mm.config.model import PredictorConfig
 from mindspeed_mm.models.predictor import PretrainedLoadError, StepVideoDiT
 from mindspeed_mm.checkpoint.official_layout import WeightsNotFoundError
-from mindspeed_mm.tools.dit_weights import official_config, random_official_state_dict, write_official_dit
+from mindspeed_mm.tiny.dit import official_config, random_official_state_dict, write_official_dit
 
 
 def _inputs():

@@ -12,7 +12,7 @@ from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
 from mindspeed_mm.checkpoint.stepvideo_layout import plan_for_parameter
 from mindspeed_mm.models.predictor.stepvideo.parallelize import check_heads_divisible
 from mindspeed_mm.runtime import ParallelConfigError
-from mindspeed_mm.tools.dit_weights import official_config, random_official_state_dict, write_tiny_dit
+from mindspeed_mm.tiny.dit import official_config, random_official_state_dict, write_tiny_dit
 
 B, F, C, H, W = 2, 2, 8, 4, 6
 

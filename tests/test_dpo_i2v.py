@@ -153,7 +153,7 @@ def _losses(stdout: str):
 @pytest.fixture(scope="module")
 def i2v_setup(tmp_path_factory):
     """A tiny i2v download, four generated-looking videos and the pairs histgram_generator.py would write."""
-    from mindspeed_mm.tools.tiny_weights import write_tiny_download
+    from mindspeed_mm.tiny.download import write_tiny_download
 
     root = tmp_path_factory.mktemp("i2v_dpo")
     sections = write_tiny_download(root / "weights", task="i2v")

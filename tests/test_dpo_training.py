@@ -91,7 +91,7 @@ def test_dpo_on_feature_pairs_starts_at_log2_and_trains_the_actor(tmp_path):
 
 def test_dpo_launcher_on_raw_video_pairs(tmp_path):
     from mindspeed_mm.checkpoint.convert import split
-    from mindspeed_mm.tools.tiny_weights import write_tiny_download
+    from mindspeed_mm.tiny.download import write_tiny_download
 
     sections = write_tiny_download(tmp_path / "weights", task="t2v")
     split(sections["predictor"]["from_pretrained"], tmp_path / "converted", 1, [2], 2, log=lambda m: None)
@@ -218,7 +218,7 @@ def test_frozen_modules_stay_out_of_the_module_tree(tmp_path):
     from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
     from mindspeed_mm.config.base import from_dict
     from mindspeed_mm.config.model import MMModelConfig
-    from mindspeed_mm.tools.tiny_weights import write_tiny_download
+    from mindspeed_mm.tiny.download import write_tiny_download
     from tests.helpers.training_eval import load_dit
 
     sections = write_tiny_download(tmp_path / "weights", task="t2v")

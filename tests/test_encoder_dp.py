@@ -9,7 +9,7 @@ import torch
 
 from mindspeed_mm.models.ae import StepVideoVAE
 from mindspeed_mm.models.ae.stepvideo_vae import LOGVAR_RANGE
-from mindspeed_mm.tools.vae_weights import TINY_VAE_CONFIG, init_random_weights
+from mindspeed_mm.tiny.vae import TINY_VAE_CONFIG, init_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

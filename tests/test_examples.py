@@ -55,8 +55,8 @@ def test_the_shipped_i2v_example_runs(tmp_path):
     """inference_i2v.sh with the shipped prompt and image lists (the image used to be missing), on tiny weights:
     only the weight paths, sizes and step count of the model JSON are edited, as a user would."""
     from mindspeed_mm.checkpoint.convert import split
-    from mindspeed_mm.tools.dit_weights import write_tiny_dit
-    from mindspeed_mm.tools.tiny_weights import TINY_WIDTHS, write_tiny_download
+    from mindspeed_mm.tiny.dit import write_tiny_dit
+    from mindspeed_mm.tiny.download import TINY_WIDTHS, write_tiny_download
 
     images = (EXAMPLES / "i2v/samples_i2v_images.txt").read_text().split()
     assert images and all((REPO / image).is_file() for image in images)

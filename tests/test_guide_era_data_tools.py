@@ -153,7 +153,7 @@ def test_converter_pp_sizes_alias_and_merge_help():
 
 def test_merge_log_says_shards_and_target_tp(tmp_path):
     from mindspeed_mm.checkpoint.convert import merge, split
-    from mindspeed_mm.tools.dit_weights import write_tiny_dit
+    from mindspeed_mm.tiny.dit import write_tiny_dit
 
     src = write_tiny_dit(tmp_path / "transformer", num_layers=4, num_heads=4, head_dim=8, in_channels=4,
                          caption_channels=(16, 8))

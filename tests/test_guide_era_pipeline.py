@@ -111,8 +111,8 @@ def _flag(flags: list, name: str, value) -> list:
 
 @pytest.fixture(scope="module")
 def guide(tmp_path_factory):
-    from mindspeed_mm.tools.dit_weights import write_tiny_dit
-    from mindspeed_mm.tools.tiny_weights import TINY_WIDTHS, write_tiny_download
+    from mindspeed_mm.tiny.dit import write_tiny_dit
+    from mindspeed_mm.tiny.download import TINY_WIDTHS, write_tiny_download
     from tests.helpers.pipeline_fixtures import write_videos
 
     root = tmp_path_factory.mktemp("guide_era")

@@ -14,7 +14,7 @@ from mindspeed_mm.inference import (NEGATIVE_MAGIC, POSITIVE_MAGIC, InferenceCon
 from mindspeed_mm.models.ae import StepVideoI2VProcessor, StepVideoVAE
 from mindspeed_mm.models.predictor import StepVideoDiT
 from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
-from mindspeed_mm.tools.tiny_weights import write_tiny_download
+from mindspeed_mm.tiny.download import write_tiny_download
 from tests.helpers.inference_fixtures import pattern_image, write_png
 
 SIZE = (17, 32, 32)

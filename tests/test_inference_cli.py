@@ -23,7 +23,7 @@ from mindspeed_mm.inference import (MAX_PROMPTS, InferenceInputError, StepVideoP
 from mindspeed_mm.models.ae import StepVideoVAE
 from mindspeed_mm.models.predictor import StepVideoDiT
 from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
-from mindspeed_mm.tools.tiny_weights import write_tiny_download
+from mindspeed_mm.tiny.download import write_tiny_download
 from tests.helpers.inference_fixtures import (inference_argv, model_json, pattern_image, write_lines,
                                               write_png)
 

@@ -26,8 +26,8 @@ from mindspeed_mm.checkpoint.safetensors_io import WeightsFileError
 from mindspeed_mm.models.predictor import StepVideoDiT
 from mindspeed_mm.models.text_encoder import (BertPromptTokenizer, HunyuanClipEncoder, StepChatTokenizer,
                                               StepLLMEncoder)
-from mindspeed_mm.tools.dit_weights import write_tiny_dit
-from mindspeed_mm.tools.text_encoder_weights import write_tiny_hunyuan_clip, write_tiny_step_llm
+from mindspeed_mm.tiny.dit import write_tiny_dit
+from mindspeed_mm.tiny.text_encoders import write_tiny_hunyuan_clip, write_tiny_step_llm
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERT = REPO / "examples" / "stepvideo" / "convert_ckpt_to_mm.py"

@@ -199,7 +199,7 @@ def test_a_save_folder_the_nodes_do_not_share_is_an_error(training):
 
 @pytest.fixture(scope="module")
 def inference(tmp_path_factory):
-    from mindspeed_mm.tools.tiny_weights import write_tiny_download
+    from mindspeed_mm.tiny.download import write_tiny_download
 
     root = tmp_path_factory.mktemp("multinode_inference")
     sections = write_tiny_download(root / "weights", task="t2v")

@@ -25,7 +25,7 @@ from mindspeed_mm.models.text_encoder import (
     StepVideoTextEncoder,
 )
 from mindspeed_mm.checkpoint.official_layout import WeightsNotFoundError
-from mindspeed_mm.tools.text_encoder_weights import (
+from mindspeed_mm.tiny.text_encoders import (
     CORPUS,
     train_stepchat_tokenizer,
     write_tiny_hunyuan_clip,

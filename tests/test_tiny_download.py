@@ -11,8 +11,8 @@ from mindspeed_mm.models.ae import StepVideoVAE
 from mindspeed_mm.models.diffusion import FlowMatchScheduler
 from mindspeed_mm.models.predictor import StepVideoDiT
 from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
-from mindspeed_mm.tools.tiny_weights import write_tiny_download
-from mindspeed_mm.tools.vae_weights import smooth_video
+from mindspeed_mm.tiny.download import write_tiny_download
+from mindspeed_mm.tiny.vae import smooth_video
 
 
 @pytest.mark.parametrize("task", ["t2v", "i2v"])

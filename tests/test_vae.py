@@ -15,7 +15,7 @@ from mindspeed_mm.config.base import from_dict
 from mindspeed_mm.config.model import AEConfig
 from mindspeed_mm.models import get_model_class
 from mindspeed_mm.models.ae import StepVideoVAE, VAEConfigError, VAEInputError, VAEWeightsError
-from mindspeed_mm.tools.vae_weights import TINY_VAE_CONFIG, init_random_weights, main, write_vae_weights
+from mindspeed_mm.tiny.vae import TINY_VAE_CONFIG, init_random_weights, main, write_vae_weights
 
 GOLDEN = Path(__file__).parent / "golden" / "stepvideo"
 GOLDEN_ARCH = dict(z_channels=4, encoder_ch=32, encoder_ch_mult=(2, 1, 1, 1), decoder_ch=32,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mindspeed_mm.models.ae import StepVideoVAE
-from mindspeed_mm.tools.vae_weights import init_random_weights, smooth_video
+from mindspeed_mm.tiny.vae import init_random_weights, smooth_video
 
 # Tiled vs untiled on the smooth video below (1 frame, 32x64, 32-px windows overlapping by 16 px), as
 # mean |tiled - untiled| / std(untiled). Measured 0.45 (encode, posterior mean) and 0.70 (decode) with

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mindspeed_mm.models.ae import StepVideoVAE
 from mindspeed_mm.models.ae.blocks import CausalConv
 from mindspeed_mm.models.ae.tiling import ramp_weights, tile_starts, tiled_apply
-from mindspeed_mm.tools.vae_weights import TINY_VAE_CONFIG, init_random_weights
+from mindspeed_mm.tiny.vae import TINY_VAE_CONFIG, init_random_weights
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,1 +1,1 @@
-"""Command-line tools: tiny official-layout weights, feature extraction, the memory planner."""
+"""User-facing command-line tools: feature extraction and the memory planner (tiny weights: `mindspeed_mm.tiny`)."""

@@ -25,7 +25,7 @@ _references = {}
 
 
 def _folder(i2v: bool) -> Path:
-    from mindspeed_mm.tools.dit_weights import write_tiny_dit
+    from mindspeed_mm.tiny.dit import write_tiny_dit
 
     if i2v not in _folders:
         path = Path(tempfile.mkdtemp(prefix=f"dit_dist_r{dist.get_rank()}_")) / "transformer"
@@ -273,7 +273,7 @@ def case_tp2_cp2_heads_constraint():
 
     initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
     folder = Path(tempfile.mkdtemp(prefix=f"dit_dist_h2_r{dist.get_rank()}_"))
-    from mindspeed_mm.tools.dit_weights import write_tiny_dit
+    from mindspeed_mm.tiny.dit import write_tiny_dit
 
     write_tiny_dit(folder, num_heads=2, head_dim=16, num_layers=1, num_shards=1)
     try:

@@ -34,7 +34,7 @@ def _remove_folders() -> None:
 def _official_and_split(i2v: bool):
     """An official folder (bf16 on disk) and its converter split at TP=2, written by rank 0."""
     from mindspeed_mm.checkpoint.convert import split
-    from mindspeed_mm.tools.dit_weights import write_tiny_dit
+    from mindspeed_mm.tiny.dit import write_tiny_dit
 
     root = _shared_folder("loading_dist_")
     if dist.get_rank() == 0:

@@ -46,8 +46,8 @@ _inference_roots = []
 def _inference_download(root: Path) -> dict:
     """A tiny t2v download plus an i2v transformer/ of the same widths, written once per launch by rank 0 under
     the first case's folder and shared by the later cases."""
-    from mindspeed_mm.tools.dit_weights import write_tiny_dit
-    from mindspeed_mm.tools.tiny_weights import TINY_WIDTHS, write_tiny_download
+    from mindspeed_mm.tiny.dit import write_tiny_dit
+    from mindspeed_mm.tiny.download import TINY_WIDTHS, write_tiny_download
 
     if not _inference_roots:
         _inference_roots.append(root)

@@ -64,7 +64,7 @@ def case_real_width_block_tp2_sp_cp2_matches_tp1():
     from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
     from mindspeed_mm.parallel.options import SequenceParallelOptions
     from mindspeed_mm.runtime import initialize_model_parallel, set_random_seed
-    from mindspeed_mm.tools.dit_weights import write_tiny_dit
+    from mindspeed_mm.tiny.dit import write_tiny_dit
 
     root = _shared_tmp()
     if dist.get_rank() == 0:

@@ -10,7 +10,7 @@ from tests.distributed.harness import dist_case, pytest_cases
 
 def _vae():
     from mindspeed_mm.models.ae import StepVideoVAE
-    from mindspeed_mm.tools.vae_weights import TINY_VAE_CONFIG, init_random_weights
+    from mindspeed_mm.tiny.vae import TINY_VAE_CONFIG, init_random_weights
 
     return init_random_weights(StepVideoVAE(device="cpu", **TINY_VAE_CONFIG), seed=0)
 

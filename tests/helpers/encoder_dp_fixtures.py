@@ -15,7 +15,7 @@ from tests.helpers.pipeline_fixtures import write_videos
 def write_raw_setup(root: Path, task: str = "t2v", samples: int = 4, dpo: bool = False) -> Dict:
     """A tiny `task` download, `samples` videos (pairs of consecutive videos for `dpo`) and the data / model JSON
     files of pretraining (or DPO) on raw videos."""
-    from mindspeed_mm.tools.tiny_weights import write_tiny_download
+    from mindspeed_mm.tiny.download import write_tiny_download
 
     root = Path(root)
     sections = write_tiny_download(root / "weights", task=task)

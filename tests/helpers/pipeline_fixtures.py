@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mindspeed_mm.data import write_video
-from mindspeed_mm.tools.tiny_weights import write_tiny_download
+from mindspeed_mm.tiny.download import write_tiny_download
 
 
 def write_videos(root: Path, specs) -> None:

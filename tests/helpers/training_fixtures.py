@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mindspeed_mm.tools.dit_weights import write_tiny_dit
+from mindspeed_mm.tiny.dit import write_tiny_dit
 
 TINY_DIT = dict(num_layers=2, num_heads=4, head_dim=8, in_channels=4, caption_channels=(16, 8))
 FEATURE_SHAPE = (2, 4, 2, 2)  # latent frames, channels, height, width

@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from mindspeed_mm.data import write_video
-    from mindspeed_mm.tools.tiny_weights import write_tiny_download
-    from mindspeed_mm.tools.vae_weights import smooth_video
+    from mindspeed_mm.tiny.download import write_tiny_download
+    from mindspeed_mm.tiny.vae import smooth_video
 
     work = Path(args.workdir).resolve()
     if work.exists() and not args.keep:

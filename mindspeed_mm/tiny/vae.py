@@ -1,6 +1,6 @@
 """Write a (tiny) StepVideo Video-VAE with random weights in the official single-file layout.
 
-    python -m mindspeed_mm.tools.vae_weights OUT.safetensors [--version 2 --z-channels 8 --encoder-ch 32 ...]
+    python -m mindspeed_mm.tiny.vae OUT.safetensors [--version 2 --z-channels 8 --encoder-ch 32 ...]
 
 The file is what `vae/vae_v2.safetensors` (or `vae/vae.safetensors` for version 1) of the
 official download looks like: one safetensors file with the official tensor names, including

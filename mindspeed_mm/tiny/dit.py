@@ -1,6 +1,6 @@
 """Write a (tiny) StepVideo DiT with random weights in the official diffusers folder layout.
 
-    python -m mindspeed_mm.tools.dit_weights OUT_DIR [--layers 2 --heads 4 --head-dim 16 ...]
+    python -m mindspeed_mm.tiny.dit OUT_DIR [--layers 2 --heads 4 --head-dim 16 ...]
 
 The folder is what `transformer/` of the official download looks like: config.json with the
 StepVideoModel constructor keys, and either diffusion_pytorch_model.safetensors or shards

@@ -1,6 +1,6 @@
 """A whole tiny StepVideo download (t2v or ti2v) in the official layout, with matching widths.
 
-    python -m mindspeed_mm.tools.tiny_weights OUT_DIR [--task t2v|i2v] [--seed 0]
+    python -m mindspeed_mm.tiny.download OUT_DIR [--task t2v|i2v] [--seed 0]
 
 writes
 
@@ -23,9 +23,9 @@ import json
 from pathlib import Path
 from typing import Dict
 
-from .dit_weights import write_tiny_dit
-from .text_encoder_weights import write_tiny_hunyuan_clip, write_tiny_step_llm
-from .vae_weights import TINY_VAE_CONFIG, write_vae_weights
+from .dit import write_tiny_dit
+from .text_encoders import write_tiny_hunyuan_clip, write_tiny_step_llm
+from .vae import TINY_VAE_CONFIG, write_vae_weights
 
 TINY_WIDTHS = {"llm_hidden": 64, "clip_hidden": 32, "dit_heads": 4, "dit_head_dim": 16, "dit_layers": 2}
 
