@@ -190,7 +190,7 @@ def run_training_case(case: dict) -> dict:
     device = _device()
     generator = torch.Generator().manual_seed(0)
     latents, prompt, masks = _inputs(case["frames"], case["height"], case["width"], 64, device, generator)
-    batch = {"video": latents.to(torch.bfloat16), "prompt_ids": prompt, "prompt_mask": masks}
+    batch = {"video": latents.to(torch.bfloat16), "prompt": prompt, "prompt_mask": masks}
     meter = PeakMeter(device)
     meter.reset()
     before = meter.current()

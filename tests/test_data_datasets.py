@@ -187,7 +187,8 @@ def test_feature_dataset_layout_and_bad_files(features, caplog):
     assert dict(ds.manifest.skipped) == {"not a .pt file": [6], "missing file": [7]}
     s = ds[0]
     assert s["video"].shape == (3, 4, 2, 2) and s["video"].dtype == torch.bfloat16
-    assert [t.shape for t in s["prompt_ids"]] == [(5, 6), (4, 3)] and s["prompt_ids"][0].dtype == torch.bfloat16
+    assert [t.shape for t in s["prompt"]] == [(5, 6), (4, 3)] and s["prompt"][0].dtype == torch.bfloat16
+    assert "prompt_ids" not in s  # states are "prompt"; "prompt_ids" is for token ids
     assert [t.shape for t in s["prompt_mask"]] == [(5,), (4,)]
     assert s["image_latents"].shape == (3, 4, 2, 2) and s["file"] == "features/good.pt"
     with caplog.at_level(logging.WARNING):
@@ -196,7 +197,7 @@ def test_feature_dataset_layout_and_bad_files(features, caplog):
     assert ds.read_failures == {"missing keys": 1, "not a feature dict": 1, "unreadable .pt": 1}
     batch = collate([ds[0], ds[4]])
     assert batch["video"].shape == (2, 3, 4, 2, 2)
-    assert [t.shape for t in batch["prompt_ids"]] == [(2, 5, 6), (2, 4, 3)]
+    assert [t.shape for t in batch["prompt"]] == [(2, 5, 6), (2, 4, 3)]
     assert [t.shape for t in batch["prompt_mask"]] == [(2, 5), (2, 4)]
     assert batch["file"] == ["features/good.pt", "features/flat.pt"]
 

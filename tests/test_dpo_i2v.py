@@ -277,7 +277,7 @@ def test_the_loser_condition_is_its_own_first_frame_on_raw_videos(i2v_setup):
     vae = StepVideoVAE.from_config(from_dict(AEConfig, i2v_setup["ae"]), device="cpu")
     model, seen = _dpo_in_process(i2v_setup, vae=vae)
     g = torch.Generator().manual_seed(0)
-    text = {"prompt_ids": [torch.randn(1, 320, 64, generator=g), torch.randn(1, 77, 32, generator=g)],
+    text = {"prompt": [torch.randn(1, 320, 64, generator=g), torch.randn(1, 77, 32, generator=g)],
             "prompt_mask": [torch.ones(1, 320, dtype=torch.long), torch.ones(1, 77, dtype=torch.long)]}
     winner, loser = sample["video"][None], sample["video_rejected"][None]
     other_first = loser.clone()

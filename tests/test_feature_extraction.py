@@ -65,7 +65,7 @@ def test_feature_extraction_writes_loadable_features(tmp_path):
     dataset = build_dataset(load_config(MMDataConfig, str(tmp_path / "feature_data.json"), "--mm-data"))
     batch = collate([dataset[0], dataset[1]])
     assert batch["video"].shape == (2, 3, z, 2, 2)
-    assert [p.shape for p in batch["prompt_ids"]] == [(2, 320, 64), (2, 77, 32)]
+    assert [p.shape for p in batch["prompt"]] == [(2, 320, 64), (2, 77, 32)]
 
     # A second run keeps what exists instead of recomputing it.
     before = {r["file"]: (paths["save"] / r["file"]).stat().st_mtime_ns for r in rows}

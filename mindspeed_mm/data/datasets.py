@@ -194,11 +194,13 @@ def _squeeze_one(t: torch.Tensor, ndim: int) -> torch.Tensor:
 class FeatureDataset(_SubstitutingDataset):
     """Features written by feature extraction (dataset_type "feature"): one `torch.save` dict per `.pt` row.
 
-    The file holds "video" (latents (t, c, h, w)), "prompt_ids" ([llm states (1, L1, C1), clip states (1, L2, C2)]),
-    "prompt_mask" ([(1, L1), (1, L2)]) and optionally "image_latents" (t, c, h, w) or other keys. A sample is:
-    {"video": (t, c, h, w), "prompt_ids": [(L1, C1), (L2, C2)], "prompt_mask": [(L1,), (L2,)], "file": str, every
-    other key of the file as stored}; the leading 1 of the text tensors is removed (files without it are accepted), so
-    the collated batch is "prompt_ids" [(b, L1, C1), (b, L2, C2)] and "prompt_mask" [(b, L1), (b, L2)]. Dtypes are kept
+    The file holds "video" (latents (t, c, h, w)), "prompt_ids" ([llm states (1, L1, C1), clip states (1, L2, C2)];
+    the name is MindSpeed-MM's feature format, kept on disk), "prompt_mask" ([(1, L1), (1, L2)]) and optionally
+    "image_latents" (t, c, h, w) or other keys. A sample is: {"video": (t, c, h, w), "prompt": [(L1, C1), (L2, C2)]
+    (the encoders' states: batches say what they hold, "prompt_ids" is for token ids), "prompt_mask": [(L1,), (L2,)],
+    "file": str, every other key of the file as stored}; the leading 1 of the text tensors is removed (files without it
+    are accepted), so the collated batch is "prompt" [(b, L1, C1), (b, L2, C2)] and "prompt_mask" [(b, L1), (b, L2)].
+    Dtypes are kept
     as stored (bf16 latents). DPO rows add "video_rejected" (the "video" of `file_rejected`), "score", "score_rejected",
     and, when the winner has "image_latents" (i2v), "image_latents_rejected": the loser's own image condition. The
     record of what a file was made from (`extracted_from`) is not returned.
@@ -223,9 +225,9 @@ class FeatureDataset(_SubstitutingDataset):
                 or not all(isinstance(t, torch.Tensor) for t in list(ids) + list(mask))):
             raise BadSampleError(f"{path}: 'prompt_ids' and 'prompt_mask' must be equal-length lists of tensors",
                                  "bad prompt")
-        data["prompt_ids"] = [_squeeze_one(t, 2) for t in ids]
+        data["prompt"] = [_squeeze_one(t, 2) for t in data.pop("prompt_ids")]
         data["prompt_mask"] = [_squeeze_one(t, 1) for t in mask]
-        for i, (s, m) in enumerate(zip(data["prompt_ids"], data["prompt_mask"])):
+        for i, (s, m) in enumerate(zip(data["prompt"], data["prompt_mask"])):
             if s.ndim != 2 or m.ndim != 1 or s.shape[0] != m.shape[0]:
                 raise BadSampleError(f"{path}: prompt_ids[{i}] {tuple(s.shape)} and prompt_mask[{i}] {tuple(m.shape)} "
                                      f"are not (1, L, C) and (1, L)", "bad prompt")

@@ -4,7 +4,7 @@
 
 A batch is what `mindspeed_mm.data.collate` makes, either from extracted features
 (`load_video_features` / `load_text_features`: "video" holds VAE latents (b, t, z, h, w) and
-"prompt_ids" the encoders' states) or from raw videos (pixels (b, T, 3, H, W) in [-1, 1] and token ids),
+"prompt" the encoders' states) or from raw videos (pixels (b, T, 3, H, W) in [-1, 1] and token ids "prompt_ids"),
 which are encoded here by the frozen VAE and text encoders.
 
 The loss follows the released weights' convention (DESIGN.md): t ~ logit-normal, x_t = t·x0 + (1 − t)·ε,
@@ -33,7 +33,7 @@ from .diffusion import FlowMatchScheduler
 from .predictor import StepVideoDiT
 from .text_encoder import StepVideoTextEncoder
 
-# Set in a batch that `encode_iteration` made: its "video" holds latents and "prompt_ids" the encoders' states.
+# Set in a batch that `encode_iteration` made: its "video" holds latents and "prompt" the encoders' states.
 ENCODED_KEY = "encoded_in_group"
 
 
@@ -131,15 +131,15 @@ class SoRAModel(MegatronModule):
         return video.to(device), None if cond is None else cond.to(device)
 
     def _prompt(self, batch: Dict) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        ids, masks = list(batch["prompt_ids"]), list(batch["prompt_mask"])
+        masks = list(batch["prompt_mask"])
         device = self.predictor.device
-        if ids[0].dim() == 2 and not ids[0].is_floating_point():  # token ids: encode them here
-            if self._text_encoder.module is None:
-                raise ValueError("the batch holds token ids but the model has no text encoder; set "
-                                 "load_text_features false in the model JSON (with a text_encoder section), or train "
-                                 "on extracted features.")
-            return self._text_encoder.module.encode_tokens(ids, masks)
-        return [t.to(device) for t in ids], [m.to(device) for m in masks]
+        if "prompt" in batch:  # the encoders' states (extracted features, or encoded by encode_iteration)
+            return [t.to(device) for t in batch["prompt"]], [m.to(device) for m in masks]
+        if self._text_encoder.module is None:
+            raise ValueError("the batch holds token ids ('prompt_ids') but the model has no text encoder; set "
+                             "load_text_features false in the model JSON (with a text_encoder section), or train "
+                             "on extracted features.")
+        return self._text_encoder.module.encode_tokens(list(batch["prompt_ids"]), masks)
 
     # ---- encoding shared over the tensor x context parallel group ---------------------------
 
@@ -166,8 +166,7 @@ class SoRAModel(MegatronModule):
         return [self._assemble(batch, drawn, encoded[m]) for m, (batch, drawn) in enumerate(zip(batches, draws))]
 
     def _encodes_text(self, batch: Dict) -> bool:
-        ids = batch["prompt_ids"][0]
-        return self._text_encoder.module is not None and ids.dim() == 2 and not ids.is_floating_point()
+        return self._text_encoder.module is not None and "prompt" not in batch
 
     def _draw_encoder_noise(self, batch: Dict, generator: torch.Generator) -> Dict[str, Dict[str, torch.Tensor]]:
         """{pixels key: {"eps", and for i2v "first" (the noised first frames) and "first_eps"}}, drawn in the order
@@ -221,7 +220,8 @@ class SoRAModel(MegatronModule):
         if self._encodes_text(batch):
             device = self.predictor.device
             count = sum(1 for name in encoded if name.startswith("prompt."))
-            out["prompt_ids"] = [encoded[f"prompt.{i}"] for i in range(count)]
+            out["prompt"] = [encoded[f"prompt.{i}"] for i in range(count)]
+            del out["prompt_ids"]
             out["prompt_mask"] = [m.to(device) for m in batch["prompt_mask"]]
         return out
 
