@@ -204,7 +204,7 @@ def run_dp_save(scenario: str, work: Path, out: Path) -> None:
 
     initialize_runtime(tensor_model_parallel_size=int(os.environ["BENCH_TP"]))
     rank = dist.get_rank()
-    class Model(torch.nn.Module):  # what the training loop saves: the DiT under `predictor` (models/sora_model.py)
+    class Model(torch.nn.Module):  # what the training loop saves: the DiT under `predictor` (models/diffusion_loss.py)
         def __init__(self, predictor):
             super().__init__()
             self.predictor, self.config = predictor, predictor.config

@@ -14,7 +14,7 @@ Two kinds of case, each run in a fresh process (torchrun for two ranks: gloo on 
   weight gradient is dropped as soon as it is complete (Megatron DDP adds it into its float32 buffer and frees it;
   that buffer is the "training" case's business). Measured: the peak minus the memory before the step; predicted:
   the planner's activation peak.
-- "training": the real training step, `SoRAModel` + Megatron DDP (grad_reduce_in_fp32) + Megatron's optimizer,
+- "training": the real training step, `DiffusionLossModel` + Megatron DDP (grad_reduce_in_fp32) + Megatron's optimizer,
   plain or distributed, at a narrower width (hidden 2048: the real width's float32 optimizer states do not fit in
   this machine's memory). Measured: memory after the step minus memory before the model was built (parameters,
   gradient buffer, master weights, Adam states), and the peak of the second step over the same baseline;
@@ -177,14 +177,14 @@ def run_activation_case(case: dict) -> dict:
 
 
 def run_training_case(case: dict) -> dict:
-    """Two training steps of SoRAModel + Megatron DDP + optimizer at a narrower width."""
+    """Two training steps of DiffusionLossModel + Megatron DDP + optimizer at a narrower width."""
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from mindspeed_mm.config.model import DiffusionConfig
     from mindspeed_mm.models.diffusion import FlowMatchScheduler
     from mindspeed_mm.models.predictor import StepVideoDiT
-    from mindspeed_mm.models.sora_model import SoRAModel
+    from mindspeed_mm.models.diffusion_loss import DiffusionLossModel
     from mindspeed_mm.training.train import build_optimizer
 
     device = _device()
@@ -197,7 +197,7 @@ def run_training_case(case: dict) -> dict:
     dit = StepVideoDiT(_predictor_config(case["layers"], NARROW_HEADS)).train()
     if case["recompute"]:
         dit.configure_recompute("full", "block", case["layers"])
-    model = SoRAModel(dit, FlowMatchScheduler.from_config(DiffusionConfig()))
+    model = DiffusionLossModel(dit, FlowMatchScheduler.from_config(DiffusionConfig()))
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=case["distributed_optimizer"]), model)

@@ -235,13 +235,13 @@ def _dpo_model(i2v_setup, features: bool) -> dict:
 
 
 def _dpo_in_process(i2v_setup, vae=None):
-    """The real SoRADPOModel on the tiny i2v DiT, with a hook that records the image condition the actor receives."""
+    """The real DPOLossModel on the tiny i2v DiT, with a hook that records the image condition the actor receives."""
     from mindspeed_mm.models.diffusion import FlowMatchScheduler
     from mindspeed_mm.models.predictor import StepVideoDiT
-    from mindspeed_mm.models.sora_dpo_model import SoRADPOModel
+    from mindspeed_mm.models.dpo_loss import DPOLossModel
 
     folder = i2v_setup["sections"]["predictor"]["from_pretrained"]
-    model = SoRADPOModel(StepVideoDiT.from_pretrained(folder, dtype="fp32"), FlowMatchScheduler(),
+    model = DPOLossModel(StepVideoDiT.from_pretrained(folder, dtype="fp32"), FlowMatchScheduler(),
                          StepVideoDiT.from_pretrained(folder, dtype="fp32"), vae=vae, i2v=True)
     seen = []
     model.predictor.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["image_latents"]),

@@ -214,7 +214,7 @@ def test_frozen_modules_stay_out_of_the_module_tree(tmp_path):
     train() and requires_grad_() of the training module never reach them."""
     from mindspeed_mm.models.ae import StepVideoVAE
     from mindspeed_mm.models.diffusion import FlowMatchScheduler
-    from mindspeed_mm.models.sora_dpo_model import SoRADPOModel
+    from mindspeed_mm.models.dpo_loss import DPOLossModel
     from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
     from mindspeed_mm.config.base import from_dict
     from mindspeed_mm.config.model import MMModelConfig
@@ -227,7 +227,7 @@ def test_frozen_modules_stay_out_of_the_module_tree(tmp_path):
     vae = StepVideoVAE.from_config(cfg.ae)
     encoder = StepVideoTextEncoder.from_configs(cfg.text_encoder, cfg.tokenizer)
     dit = sections["predictor"]["from_pretrained"]
-    model = SoRADPOModel(load_dit(dit), FlowMatchScheduler(), load_dit(dit), vae=vae, text_encoder=encoder)
+    model = DPOLossModel(load_dit(dit), FlowMatchScheduler(), load_dit(dit), vae=vae, text_encoder=encoder)
     actor = list(model.predictor.parameters())
     assert len(list(model.parameters())) == len(actor)
     assert set(model.state_dict()) == {f"predictor.{k}" for k in model.predictor.state_dict()}

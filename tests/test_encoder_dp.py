@@ -1,6 +1,6 @@
 """`enable_encoder_dp`, single process: the VAE's posterior / sampling split is `encode` bit for bit, and
-`SoRAModel.encode_iteration` (the path that shares encoding over the TP x CP group) gives the losses of encoding in
-`forward`, for t2v, i2v and DPO. The multi-process cases are in tests/distributed/test_encoder_dp_dist.py."""
+`DiffusionLossModel.encode_iteration` (the path that shares encoding over the TP x CP group) gives the losses of
+encoding in `forward`, for t2v, i2v and DPO. The multi-process cases: tests/distributed/test_encoder_dp_dist.py."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from mindspeed_mm.config.model import DiffusionConfig
-from mindspeed_mm.models import get_model_class
+from mindspeed_mm.models import get_model_class, get_scheduler_class
 from mindspeed_mm.models.diffusion import FlowMatchScheduler
 
 GOLDEN = Path(__file__).parent / "golden" / "stepvideo"
@@ -63,7 +63,10 @@ def test_training_convention_of_the_released_weights():
 
 def test_config_and_errors():
     cfg = DiffusionConfig(num_train_timesteps=1, num_inference_timesteps=5, shift=13.0)
-    scheduler = get_model_class("flow_match_discrete_scheduler").from_config(cfg)
+    scheduler = get_scheduler_class("flow_match_discrete_scheduler").from_config(cfg)
+    # A scheduler is not a model: it has its own registry.
+    with pytest.raises(KeyError, match="model_id 'flow_match_discrete_scheduler' is not registered"):
+        get_model_class("flow_match_discrete_scheduler")
     assert isinstance(scheduler, FlowMatchScheduler) and scheduler.set_timesteps().shape == (5,)
     assert FlowMatchScheduler.from_config(DiffusionConfig(train_shift=13.0)).train_shift == 13.0
     with pytest.raises(ValueError, match=r"reverse = true .* set \"reverse\": false"):

@@ -1,47 +1,59 @@
-"""`model_id` -> class, as named in the seed's JSON configs."""
+"""Names in the seed's JSON configs -> classes: `model_id` for models, the diffusion section's `model_id` for
+samplers (a scheduler is not a model, so it has its own registry)."""
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, Type
+import importlib
+from typing import Callable, Dict, List, Type
 
-_REGISTRY: Dict[str, Type] = {}
-
-
-def register_model(model_id: str) -> Callable[[Type], Type]:
-    """Class decorator: make `cls` buildable from a config whose `model_id` is `model_id`."""
-
-    def add(cls: Type) -> Type:
-        if model_id in _REGISTRY and _REGISTRY[model_id] is not cls:
-            raise ValueError(f"model_id {model_id!r} is already registered to {_REGISTRY[model_id].__name__}")
-        _REGISTRY[model_id] = cls
-        return cls
-
-    return add
+_BUILTIN = ("mindspeed_mm.models.predictor.stepvideo.model", "mindspeed_mm.models.ae",
+            "mindspeed_mm.models.text_encoder", "mindspeed_mm.models.diffusion")
 
 
-def get_model_class(model_id: str) -> Type:
-    """The class registered as `model_id`; the error lists what is registered."""
-    _import_builtin_models()
-    try:
-        return _REGISTRY[model_id]
-    except KeyError:
-        close = difflib.get_close_matches(model_id, list(_REGISTRY), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(
-            f"model_id {model_id!r} is not registered.{hint} Registered: {', '.join(sorted(_REGISTRY))}."
-        ) from None
+class Registry:
+    """name -> class for one kind of component; `register` is a class decorator."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._classes: Dict[str, Type] = {}
+
+    def register(self, name: str) -> Callable[[Type], Type]:
+        def add(cls: Type) -> Type:
+            if name in self._classes and self._classes[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is already registered to {self._classes[name].__name__}")
+            self._classes[name] = cls
+            return cls
+
+        return add
+
+    def get(self, name: str) -> Type:
+        """The class registered as `name`; the error lists what is registered."""
+        _import_builtin()
+        try:
+            return self._classes[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._classes), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"{self.kind} {name!r} is not registered.{hint} Registered: "
+                           f"{', '.join(sorted(self._classes))}.") from None
+
+    def names(self) -> List[str]:
+        _import_builtin()
+        return sorted(self._classes)
 
 
-def registered_model_ids():
-    _import_builtin_models()
-    return sorted(_REGISTRY)
+MODELS = Registry("model_id")
+SCHEDULERS = Registry("scheduler model_id")
+
+register_model = MODELS.register
+get_model_class = MODELS.get
+registered_model_ids = MODELS.names
+register_scheduler = SCHEDULERS.register
+get_scheduler_class = SCHEDULERS.get
 
 
-def _import_builtin_models() -> None:
-    # Importing the model packages runs their @register_model decorators.
-    import importlib
-
-    for module in ("mindspeed_mm.models.predictor.stepvideo.model", "mindspeed_mm.models.ae",
-                   "mindspeed_mm.models.text_encoder", "mindspeed_mm.models.diffusion"):
+def _import_builtin() -> None:
+    # Importing the model packages runs their registration decorators.
+    for module in _BUILTIN:
         importlib.import_module(module)

@@ -106,13 +106,13 @@ def check_training_sections(args) -> None:
 
 
 def build_pretrain_model(args):
-    """SoRAModel: the DiT under flow matching, with the frozen encoders when the data are raw videos."""
+    """DiffusionLossModel: the DiT under flow matching, with the frozen encoders when the data are raw videos."""
     from ..models.diffusion import FlowMatchScheduler
-    from ..models.sora_model import SoRAModel
+    from ..models.diffusion_loss import DiffusionLossModel
 
     check_training_sections(args)
     model_cfg = args.mm.model
     vae, encoder = build_encoders(args)
-    return SoRAModel(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae,
+    return DiffusionLossModel(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae,
                      text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
                      **encoder_dp_options(args, vae, encoder))

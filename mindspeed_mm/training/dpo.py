@@ -136,9 +136,9 @@ def build_actor(args, reference, record: dict):
 
 
 def build_dpo_model(args):
-    """SoRADPOModel: the actor (from --load or predictor.from_pretrained) and its frozen reference."""
+    """DPOLossModel: the actor (from --load or predictor.from_pretrained) and its frozen reference."""
     from ..models.diffusion import FlowMatchScheduler
-    from ..models.sora_dpo_model import SoRADPOModel
+    from ..models.dpo_loss import DPOLossModel
 
     check_training_sections(args)
     model_cfg = args.mm.model
@@ -154,7 +154,7 @@ def build_dpo_model(args):
     reference, record = build_reference(args)
     vae, encoder = build_encoders(args)
     actor = build_actor(args, reference, record)
-    model = SoRADPOModel(actor, FlowMatchScheduler.from_config(model_cfg.diffusion), reference,
+    model = DPOLossModel(actor, FlowMatchScheduler.from_config(model_cfg.diffusion), reference,
                          vae=vae, text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
                          loss_beta=dpo.loss_beta, beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
                          pref_ftx=args.pref_ftx, histogram=histogram, weight_alpha=dpo.weight_alpha,

@@ -159,7 +159,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
              build_model: Optional[Callable] = None) -> dict:
     """Run training; returns a summary (iteration, last loss, consumed samples). See the module docstring.
 
-    `build_model(args)` makes the trained module (default: pretraining's SoRAModel; DPO passes
+    `build_model(args)` makes the trained module (default: pretraining's DiffusionLossModel; DPO passes
     `training.dpo.build_dpo_model`). The module maps (batch, generator) to per-sample losses (b,), or to
     (losses, {metric name: (b,) tensor}) to log more, and may carry `checkpoint_records` to save.
     """

@@ -81,11 +81,12 @@ def _encoders(setup: Dict):
 
 
 def build_model(setup: Dict, dpo: bool = False, enable_encoder_dp: bool = False, group=None):
-    """SoRAModel (or SoRADPOModel, reference = actor) on the tiny download, in fp32, as the builders make it."""
+    """DiffusionLossModel (or DPOLossModel, reference = actor) on the tiny download, in fp32, as the builders make
+    it."""
     from mindspeed_mm.models.diffusion import FlowMatchScheduler
     from mindspeed_mm.models.predictor import StepVideoDiT
-    from mindspeed_mm.models.sora_dpo_model import SoRADPOModel
-    from mindspeed_mm.models.sora_model import SoRAModel
+    from mindspeed_mm.models.dpo_loss import DPOLossModel
+    from mindspeed_mm.models.diffusion_loss import DiffusionLossModel
 
     folder = setup["sections"]["predictor"]["from_pretrained"]
     vae, encoder = _encoders(setup)
@@ -93,9 +94,9 @@ def build_model(setup: Dict, dpo: bool = False, enable_encoder_dp: bool = False,
     options = dict(vae=vae, text_encoder=encoder, i2v=i2v, enable_encoder_dp=enable_encoder_dp, encoder_group=group)
     predictor = StepVideoDiT.from_pretrained(folder, dtype="fp32").train()
     if dpo:
-        return SoRADPOModel(predictor, FlowMatchScheduler(), StepVideoDiT.from_pretrained(folder, dtype="fp32"),
+        return DPOLossModel(predictor, FlowMatchScheduler(), StepVideoDiT.from_pretrained(folder, dtype="fp32"),
                             **options)
-    return SoRAModel(predictor, FlowMatchScheduler(), **options)
+    return DiffusionLossModel(predictor, FlowMatchScheduler(), **options)
 
 
 def micro_batches(setup: Dict, mbs: int, count: int, dpo: bool = False) -> List[Dict]:

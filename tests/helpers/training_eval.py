@@ -31,9 +31,9 @@ def feature_samples(paths: dict) -> List[dict]:
 
 def mean_loss(dit: StepVideoDiT, samples: List[dict], seed: int = 99) -> float:
     """The flow-matching loss over `samples`, one per batch, each with its own fixed t and noise."""
-    from mindspeed_mm.models.sora_model import SoRAModel
+    from mindspeed_mm.models.diffusion_loss import DiffusionLossModel
 
-    model = SoRAModel(dit, FlowMatchScheduler())
+    model = DiffusionLossModel(dit, FlowMatchScheduler())
     with torch.no_grad():
         losses = [model(collate([s]), noise_generator(seed, 0, k)).mean() for k, s in enumerate(samples)]
     return torch.stack(losses).mean().item()
@@ -43,9 +43,9 @@ def dpo_metrics(actor: StepVideoDiT, reference: StepVideoDiT, samples: List[dict
                 loss_beta: float = 1.0) -> dict:
     """DPO loss and margins of (actor, reference) on micro-batches of one pair each, drawn as training step
     `iteration` draws them (data parallel 1: slot k is the k-th pair)."""
-    from mindspeed_mm.models.sora_dpo_model import SoRADPOModel
+    from mindspeed_mm.models.dpo_loss import DPOLossModel
 
-    model = SoRADPOModel(actor, FlowMatchScheduler(), reference, loss_beta=loss_beta)
+    model = DPOLossModel(actor, FlowMatchScheduler(), reference, loss_beta=loss_beta)
     out = {"loss": [], "rewards/margins": []}
     with torch.no_grad():
         for k, sample in enumerate(samples):

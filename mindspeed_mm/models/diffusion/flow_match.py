@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ...config.base import ConfigError
-from ..registry import register_model
+from ..registry import register_scheduler
 
 
 def shift_schedule(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -28,7 +28,7 @@ def shift_schedule(u: torch.Tensor, shift: float) -> torch.Tensor:
     return (shift * u) / (1 + (shift - 1) * u)
 
 
-@register_model("flow_match_discrete_scheduler")
+@register_scheduler("flow_match_discrete_scheduler")
 class FlowMatchScheduler:
     """Euler sampling schedule, classifier-free guidance, and the training noise/target/loss."""
 

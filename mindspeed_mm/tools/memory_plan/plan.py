@@ -142,7 +142,7 @@ class RawVideo:
     clip: Optional[BertShape] = None
     clip_bytes: int = 4
     # enable_encoder_dp (TP x CP > 1): each micro-batch of the iteration is encoded by one rank of its TP x CP group
-    # and shared (SoRAModel.encode_iteration), so the iteration's features are held on every rank:
+    # and shared (DiffusionLossModel.encode_iteration), so the iteration's features are held on every rank:
     # num_micro_batches x micro-batch samples, num_micro_batches = global batch / (micro-batch x DP).
     encoder_dp: bool = False
     global_batch: Optional[int] = None  # --global-batch-size; None: micro-batch x DP (one micro-batch)

@@ -1,4 +1,4 @@
-"""SoRADPOModel: DPO post-training of the DiT against a frozen reference copy of itself.
+"""DPOLossModel: DPO post-training of the DiT against a frozen reference copy of itself.
 
     loss, metrics = model(batch, generator)     # per-pair loss (b,)
 
@@ -16,14 +16,14 @@ from typing import Dict, Optional
 import torch
 
 from ..dpo.loss import dpo_loss
-from .sora_model import Frozen, SoRAModel
+from .diffusion_loss import Frozen, DiffusionLossModel
 
 
-class SoRADPOModel(SoRAModel):
+class DPOLossModel(DiffusionLossModel):
     """The actor DiT (trained) against `reference`, a frozen DiT of the same config.
 
     The trainer decides where the reference comes from (`mindspeed_mm/training/dpo.py`); this module only runs it.
-    With `enable_encoder_dp` the pairs are encoded by `SoRAModel.encode_iteration`: winner, then loser.
+    With `enable_encoder_dp` the pairs are encoded by `DiffusionLossModel.encode_iteration`: winner, then loser.
     """
 
     # forward encodes the winner, then the loser, each with its own first-frame condition
@@ -85,3 +85,7 @@ class SoRADPOModel(SoRAModel):
         loss, metrics = dpo_loss(actor[:b], actor[b:], reference[:b], reference[b:], t, self.loss_beta, self.beta,
                                  self.label_smoothing, self.pref_ftx, self._pair_weights(batch, b))
         return loss, metrics
+
+
+# MindSpeed-MM's name for it.
+SoRADPOModel = DPOLossModel

@@ -1,4 +1,4 @@
-"""SoRAModel: a batch in, the per-sample flow-matching loss out (pretraining and, with pairs, DPO).
+"""DiffusionLossModel: a batch in, the per-sample flow-matching loss out (pretraining and, with pairs, DPO).
 
     loss = model(batch, generator)     # (b,) float32
 
@@ -55,7 +55,7 @@ class Frozen:
         return self.module(*args, **kwargs)
 
 
-class SoRAModel(MegatronModule):
+class DiffusionLossModel(MegatronModule):
     """The trainable DiT plus, when the data are raw videos, the frozen VAE and text encoders.
 
     `enable_encoder_dp` with `encoder_group` (the tensor x context parallel group, whose ranks hold the same
@@ -287,3 +287,7 @@ def _share(local: Dict[int, Dict[str, torch.Tensor]], count: int, group, device:
         for m, name, shape, dtype, start, nbytes in layout:
             out.setdefault(m, {})[name] = buffer[start:start + nbytes].view(dtype).view(shape).to(device)
     return out
+
+
+# MindSpeed-MM's and the user guide's name for it.
+SoRAModel = DiffusionLossModel
