@@ -108,7 +108,7 @@ def _optimizer(dit, distributed: bool = False):
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from mindspeed_mm.training.train import build_optimizer
+    from mindspeed_mm.training.optimizer import build_optimizer
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
     ddp = DistributedDataParallel(dit.config, ddp_config, dit)

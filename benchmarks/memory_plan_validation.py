@@ -185,7 +185,7 @@ def run_training_case(case: dict) -> dict:
     from mindspeed_mm.models.diffusion import FlowMatchScheduler
     from mindspeed_mm.models.predictor import StepVideoDiT
     from mindspeed_mm.models.diffusion_loss import DiffusionLossModel
-    from mindspeed_mm.training.train import build_optimizer
+    from mindspeed_mm.training.optimizer import build_optimizer
 
     device = _device()
     generator = torch.Generator().manual_seed(0)

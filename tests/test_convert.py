@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mindspeed_mm.checkpoint.convert import ConversionError, export, merge, split
+from mindspeed_mm.checkpoint.conversion_checks import ConversionError
+from mindspeed_mm.checkpoint.convert import export, merge, split
 from mindspeed_mm.checkpoint.megatron_layout import CheckpointError
 from mindspeed_mm.checkpoint.safetensors_io import CheckpointMismatchError
 from mindspeed_mm.tiny.dit import write_tiny_dit

@@ -165,14 +165,14 @@ def test_merge_log_says_shards_and_target_tp(tmp_path):
 
 
 def test_missing_layers_are_listed_in_numeric_order():
-    from mindspeed_mm.checkpoint.convert import ConversionError, _check_blocks
+    from mindspeed_mm.checkpoint.conversion_checks import ConversionError, check_blocks
 
     keys = [f"transformer_blocks.{i}.attn1.proj_qkv.weight" for i in list(range(9)) + [11]]
     with pytest.raises(ConversionError, match=r"no transformer_blocks 9, 10 \(the checkpoint has 10 blocks\)"):
-        _check_blocks(keys, 12, "ckpt", 12)
+        check_blocks(keys, 12, "ckpt", 12)
     keys = [f"transformer_blocks.{i}.attn1.proj_qkv.weight" for i in range(12)]
     with pytest.raises(ConversionError, match=r"transformer_blocks 9, 10, 11 exist beyond layer 8"):
-        _check_blocks(keys, 9, "ckpt", 9)
+        check_blocks(keys, 9, "ckpt", 9)
 
 
 # ---- histgram_generator.py -----------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_unreadable_rows_are_replaced_and_reported_once(tmp_path):
 def test_torch_dist_checkpoints_resume_and_convert_like_the_legacy_format(trained, tmp_path):
     """--ckpt-format torch_dist: the same run saved in both formats holds the same weights; the converter merges a
     torch_dist training checkpoint into the release layout (--mode merge) and exports it (--mode export)."""
-    from mindspeed_mm.checkpoint.convert import read_megatron_full
+    from mindspeed_mm.checkpoint.megatron_source import read_megatron_full
 
     root, paths, _ = trained
     save = tmp_path / "dist"
@@ -231,7 +231,7 @@ def test_torch_dist_checkpoints_resume_and_convert_like_the_legacy_format(traine
 def test_async_save_writes_the_same_checkpoints_in_the_background(trained, tmp_path):
     """--async-save (torch_dist): the writes run in background processes, the renames and the tracker follow when
     the save completes; the checkpoints hold what a synchronous run saves."""
-    from mindspeed_mm.checkpoint.convert import read_megatron_full
+    from mindspeed_mm.checkpoint.megatron_source import read_megatron_full
 
     root, paths, _ = trained
     save = tmp_path / "async"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mindspeed_mm.checkpoint.convert import ConversionError, export, merge, split  # noqa: E402
+from mindspeed_mm.checkpoint.conversion_checks import ConversionError  # noqa: E402
+from mindspeed_mm.checkpoint.convert import export, merge, split  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

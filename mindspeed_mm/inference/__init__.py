@@ -1,13 +1,16 @@
-"""Inference (推理): the StepVideo sampling pipeline, the i2v image input, and video/grid writing.
+"""Inference (推理): the StepVideo sampling pipeline, its text conditions, the i2v image input, and
+video/grid writing.
 
 See docs/inference.md. `inference_sora.py` at the repository root is the command line.
 """
 
+from .conditions import (NEGATIVE_MAGIC, POSITIVE_MAGIC, TextConditions, conditioning_texts, encode_conditions,
+                         magic_strings)
+from .errors import InferenceConfigError
 from .images import ImageReadError, cover_crop_geometry, image_to_video, load_image
 from .outputs import (GRID_NAME, grid_frame_size, grid_layout, save_videos, tile_origin, to_uint8, video_name,
                       write_video_grid)
-from .pipeline import (DEFAULT_MOTION_SCORE, NEGATIVE_MAGIC, POSITIVE_MAGIC, InferenceConfigError, StepVideoPipeline,
-                       TextConditions, conditioning_texts, encode_conditions, magic_strings, make_generator)
+from .pipeline import DEFAULT_MOTION_SCORE, StepVideoPipeline, make_generator
 from .runner import (MAX_PROMPTS, InferenceInputError, InferencePlan, InferenceResult, build_plan, dit_source,
                      read_images, read_prompts, run_inference)
 

@@ -190,7 +190,7 @@ def encode_plan_prompts(args, plan: InferencePlan, indices: Sequence[int], devic
     the DiT need not fit on the device together when unload_text_encoder is set); returns (text, row per video)."""
     from ..config.model import PipelineConfig
     from ..models.text_encoder import StepVideoTextEncoder
-    from .pipeline import encode_conditions, magic_strings
+    from .conditions import encode_conditions, magic_strings
 
     model = args.mm.model
     pc = model.pipeline_config or PipelineConfig()

@@ -6,7 +6,8 @@
 Steps: flags and configs (validated before anything heavy) -> runtime (TP, CP, DP) -> the task's module
 (`builders.py`: the DiT, loaded strictly from --load or predictor.from_pretrained, and what surrounds it)
 -> Megatron DDP + (distributed) optimizer + LR schedule -> resume state -> data -> loop (micro-batches,
-grad sync, step, log, save).
+grad sync, step, log, save). This file holds the loop (`pretrain`) and `noise_generator`; the optimizer is built
+in `optimizer.py`, the log line and the metrics are written by `metrics.py`.
 
 Numerics: the loss of a micro-batch is the mean per-sample flow-matching loss, computed on the full
 (context-parallel gathered) output on every CP rank; Megatron DDP averages gradients over data x context
@@ -20,7 +21,6 @@ the gradients by it, skips the step on an overflow and adjusts the scale (Megatr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -39,6 +39,8 @@ from .checkpointing import (
     recover_interrupted_save,
     save_checkpoint,
 )
+from .metrics import MetricsLog, format_log_line, mean_over, report_skipped_rows
+from .optimizer import build_optimizer
 
 
 def noise_generator(seed: int, iteration: int, sample_slot: int) -> torch.Generator:
@@ -51,104 +53,6 @@ def noise_generator(seed: int, iteration: int, sample_slot: int) -> torch.Genera
     """
     mixed = (seed * 1_000_003 + iteration) * 1_000_033 + sample_slot
     return torch.Generator().manual_seed(mixed % (2**63 - 1))
-
-
-def build_optimizer(args, ddp_model):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    config = OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer, loss_scale=args.loss_scale,
-        initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
-        loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
-    )
-    # Megatron exempts biases and norms from weight decay only through these overrides, applied as
-    # wd_mult by the scheduler below (docs/architecture.md).
-    optimizer = get_megatron_optimizer(config, [ddp_model], config_overrides=get_standard_config_overrides(config))
-    warmup = args.lr_warmup_iters
-    if args.lr_warmup_fraction is not None:
-        warmup = int(args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters))
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=args.lr_decay_iters or args.train_iters, lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-    )
-    return optimizer, scheduler
-
-
-def format_log_line(iteration: int, train_iters: int, consumed: int, elapsed_ms: float, lr: float, gbs: int,
-                    loss: float, grad_norm: Optional[float], skipped: int, nan_iters: int,
-                    loss_scale: float = 1.0) -> str:
-    """Megatron's log line: the seed's launchers read the iteration time as field 5 of a ':' split."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    norm = f"{grad_norm:.3f}" if grad_norm is not None else "nan"
-    return (f" [{stamp}] iteration {iteration:8d}/{train_iters:8d} | consumed samples: {consumed:12d} | "
-            f"elapsed time per iteration (ms): {elapsed_ms:.1f} | learning rate: {lr:.6E} | "
-            f"global batch size: {gbs:5d} | loss: {loss:.6E} | loss scale: {loss_scale:.1f} | grad norm: {norm} | "
-            f"number of skipped iterations: {skipped:3d} | number of nan iterations: {nan_iters:3d} |")
-
-
-class MetricsLog:
-    """Metrics as JSON lines (always) and to TensorBoard (when installed and --tensorboard-dir is set)."""
-
-    def __init__(self, path: Path, tensorboard_dir: Optional[str]):
-        self.path = path
-        self.writer = None
-        if dist.get_rank() != 0:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(tensorboard_dir)
-            except ImportError:
-                _print(f"notice: --tensorboard-dir {tensorboard_dir} ignored: tensorboard is not installed "
-                       f"(metrics still go to {path}).")
-
-    def write(self, iteration: int, metrics: dict) -> None:
-        if dist.get_rank() != 0:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, iteration)
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-def _mean_over(values: Sequence[torch.Tensor], group) -> float:
-    total = torch.stack([v.float() for v in values]).mean().reshape(1)
-    dist.all_reduce(total, group=group)
-    return total.item() / dist.get_world_size(group)
-
-
-def _report_skipped_rows(local: dict, group, reported: int) -> int:
-    """Print, on rank 0, the rows the data-parallel ranks skipped so far (when there are new ones); returns the
-    number reported. Collective over `group`."""
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, local, group=group)
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    if len(merged) > reported:
-        from ..data import summarize_skipped
-
-        _print(f"data: {summarize_skipped(sorted(merged.items()))}")
-    return len(merged)
 
 
 def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
@@ -268,21 +172,21 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
                 scheduler.step(increment=1)
             else:
                 skipped += 1
-            last_loss = _mean_over(losses, dp_group)
+            last_loss = mean_over(losses, dp_group)
             if not math.isfinite(last_loss):
                 nan_iters += 1
             window_iters += 1
             values = {"loss": last_loss, "learning_rate": optimizer.param_groups[0]["lr"],
                       "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                       "loss_scale": loss_scale, "consumed_samples": consumed}
-            values.update({k: _mean_over(v, dp_group) for k, v in extras.items()})
+            values.update({k: mean_over(v, dp_group) for k, v in extras.items()})
             metrics.write(iteration, values)
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
                 _print(format_log_line(iteration, args.train_iters, consumed, elapsed_ms, values["learning_rate"],
                                        args.global_batch_size, last_loss, values["grad_norm"], skipped, nan_iters,
                                        loss_scale=loss_scale))
-                skipped_reported = _report_skipped_rows(skipped_rows, dp_group, skipped_reported)
+                skipped_reported = report_skipped_rows(skipped_rows, dp_group, skipped_reported)
                 metrics.flush()
                 window_start, window_iters = time.time(), 0
             if args.save and args.save_interval and iteration % args.save_interval == 0:

@@ -52,7 +52,7 @@ def _resume(root: Path, paths, name: str, tp: int, cp: int, extra=()) -> Path:
 
 
 def _largest_weight_difference(a: Path, b: Path) -> float:
-    from mindspeed_mm.checkpoint.convert import read_megatron_full
+    from mindspeed_mm.checkpoint.megatron_source import read_megatron_full
 
     want, info_a = read_megatron_full(a, log=lambda m: None)
     got, _ = read_megatron_full(b, log=lambda m: None)

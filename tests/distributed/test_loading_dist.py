@@ -173,7 +173,7 @@ def case_resume_gives_the_optimizer_its_own_state():
     from mindspeed_mm.models.predictor import StepVideoDiT
     from mindspeed_mm.runtime import initialize_model_parallel
     from mindspeed_mm.training.checkpointing import load_training_state, save_checkpoint
-    from mindspeed_mm.training.train import build_optimizer
+    from mindspeed_mm.training.optimizer import build_optimizer
 
     initialize_model_parallel(tensor_model_parallel_size=2)
     official, _ = _official_and_split(False)

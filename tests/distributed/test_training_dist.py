@@ -56,7 +56,7 @@ def _reference(root: Path, i2v: bool, gbs: int = 2):
 
 
 def _check_layout(tp: int, cp: int, i2v: bool, extra=(), gbs: int = 2):
-    from mindspeed_mm.checkpoint.convert import read_megatron_full
+    from mindspeed_mm.checkpoint.megatron_source import read_megatron_full
     from mindspeed_mm.training import pretrain
     from tests.helpers.training_fixtures import train_argv
 
