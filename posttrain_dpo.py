@@ -13,9 +13,9 @@ from typing import List, Optional
 
 def main(argv: Optional[List[str]] = None) -> int:
     from mindspeed_mm.training import pretrain
-    from mindspeed_mm.training.dpo import build_dpo_model
+    from mindspeed_mm.training.spec import DPO
 
-    pretrain(argv, entry="dpo", build_model=build_dpo_model)
+    pretrain(argv, DPO)
     return 0
 
 

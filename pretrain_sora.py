@@ -11,7 +11,7 @@ from mindspeed_mm.training import pretrain
 
 
 def main(argv=None) -> int:
-    pretrain(argv, entry="pretrain")
+    pretrain(argv)  # the pretraining TrainSpec (t2v and i2v)
     return 0
 
 

@@ -1,10 +1,11 @@
 """The training loop shared by pretraining (t2v, i2v) and DPO: short and explicit.
 
-    pretrain(argv)                                          # pretrain_sora.py
-    pretrain(argv, "dpo", build_model=build_dpo_model)      # posttrain_dpo.py
+    pretrain(argv)                 # pretrain_sora.py: spec.PRETRAIN
+    pretrain(argv, spec.DPO)       # posttrain_dpo.py
 
-Steps: flags and configs (validated before anything heavy) -> runtime (TP, CP, DP) -> the task's module
-(`builders.py`: the DiT, loaded strictly from --load or predictor.from_pretrained, and what surrounds it)
+Steps: flags and configs (validated before anything heavy) -> runtime (TP, CP, DP) -> the task's module and loss
+function (its `TrainSpec`, `spec.py`; pretraining's in `builders.py`: the DiT, loaded strictly from --load or
+predictor.from_pretrained, and what surrounds it)
 -> Megatron DDP + (distributed) optimizer + LR schedule -> resume state -> data -> loop (micro-batches,
 grad sync, step, log, save). This file holds the loop (`pretrain`) and `noise_generator`; the optimizer is built
 in `optimizer.py`, the log line and the metrics are written by `metrics.py`.
@@ -24,13 +25,13 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..arguments import parse_args, sequence_options
-from .builders import build_pretrain_model, params_dtype
+from .builders import params_dtype
 from .builders import print_rank0 as _print
 from .checkpointing import (
     check_shared_folder,
@@ -41,6 +42,7 @@ from .checkpointing import (
 )
 from .metrics import MetricsLog, format_log_line, mean_over, report_skipped_rows
 from .optimizer import build_optimizer
+from .spec import PRETRAIN, TrainSpec
 
 
 def noise_generator(seed: int, iteration: int, sample_slot: int) -> torch.Generator:
@@ -59,13 +61,12 @@ def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
     return bool(a and b) and Path(a).resolve() == Path(b).resolve()
 
 
-def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
-             build_model: Optional[Callable] = None) -> dict:
-    """Run training; returns a summary (iteration, last loss, consumed samples). See the module docstring.
+def pretrain(argv: Optional[Sequence[str]] = None, spec: TrainSpec = PRETRAIN) -> dict:
+    """Run the task `spec` (default: pretraining); returns a summary (iteration, last loss, consumed samples).
 
-    `build_model(args)` makes the trained module (default: pretraining's DiffusionLossModel; DPO passes
-    `training.dpo.build_dpo_model`). The module maps (batch, generator) to per-sample losses (b,), or to
-    (losses, {metric name: (b,) tensor}) to log more, and may carry `checkpoint_records` to save.
+    `spec.build(args)` gives the trained module, which maps (batch, generator) to its output and may carry
+    `checkpoint_records` to save, and the loss function that maps that output to (per-sample loss, metrics).
+    See the module docstring and `spec.py`.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -73,7 +74,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
     from ..data import build_dataloader, build_dataset, build_tokenizers
     from ..runtime import initialize_runtime
 
-    args = parse_args(argv, entry=entry)
+    args = parse_args(argv, entry=spec.entry)
     initialize_runtime(args.tensor_model_parallel_size, args.context_parallel_size,
                        args.pipeline_model_parallel_size, seed=args.seed, backend=args.distributed_backend,
                        timeout_minutes=args.distributed_timeout_minutes, sequence=sequence_options(args))
@@ -85,7 +86,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
     dist.barrier()
     if args.save and dist.get_world_size() > 1:
         check_shared_folder(args.save)  # before hours of training, not at the first save
-    model = (build_model or build_pretrain_model)(args)
+    model, loss_fn = spec.build(args)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
                                                overlap_param_gather=args.overlap_param_gather,
                                                use_distributed_optimizer=args.use_distributed_optimizer)
@@ -155,7 +156,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, entry: str = "pretrain",
                 with contextlib.nullcontext() if last else ddp.no_sync():
                     out = ddp(batch, noise_generator(args.seed, iteration, micro * dp_size + dp_rank)
                               if generators is None else generators[micro])
-                    loss, extra = out if isinstance(out, tuple) else (out, {})
+                    loss, extra = loss_fn(out)
                     # fp16: scaled by the optimizer's loss scale (1 otherwise); the optimizer unscales the gradients.
                     optimizer.scale_loss(loss.mean() / args.num_micro_batches).backward()
                 losses.append(loss.detach().mean())
