@@ -81,7 +81,7 @@ def worker(spec: dict, out_dir: str) -> None:
     initialize_runtime(TP, 1, 1, seed=1234, sequence=SequenceParallelOptions("ulysses_cp_algo", None, sp))
     rank = dist.get_rank()
     device = current_device()
-    dit = StepVideoDiT(_config(cfg)).train()
+    dit = StepVideoDiT.build(_config(cfg)).train()
     assert dit.parallel.sequence_parallel == sp
     params = {p.untyped_storage().data_ptr() for p in dit.parameters()}
     for param in dit.parameters():

@@ -130,7 +130,7 @@ def main(argv=None):
         use_additional_conditions=args.i2v, attention_backend=args.attention_backend,
     )
     torch.manual_seed(0)
-    model = StepVideoDiT(cfg, device=device)
+    model = StepVideoDiT.build(cfg, device=device)
     if args.recompute != "none":
         model.configure_recompute("full", args.recompute, 1 if args.recompute == "block" else args.layers)
     b, dtype = args.batch, model.dtype

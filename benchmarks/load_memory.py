@@ -149,7 +149,7 @@ def run_rank(scenario: str, work: Path, out: Path) -> None:
     if scenario in ("save", "train-save", "train-load", "resume"):
         source = split if scenario == "save" else train
         if scenario == "train-save":
-            dit = StepVideoDiT(_predictor_config(work / "train_config"))
+            dit = StepVideoDiT.build(_predictor_config(work / "train_config"))
         elif scenario != "train-load":
             dit = StepVideoDiT.from_pretrained(source, dtype="bf16")
         if scenario in ("train-save", "resume"):
@@ -212,7 +212,7 @@ def run_dp_save(scenario: str, work: Path, out: Path) -> None:
         def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
             return self.predictor.state_dict(prefix=prefix, keep_vars=keep_vars)
 
-    dit = StepVideoDiT(_predictor_config(work / "train_config"))
+    dit = StepVideoDiT.build(_predictor_config(work / "train_config"))
     model = Model(dit)
     ddp, optimizer, scheduler = _optimizer(model, distributed=True)
     ddp.zero_grad_buffer()

@@ -154,7 +154,7 @@ def run_activation_case(case: dict) -> dict:
     from mindspeed_mm.models.predictor import StepVideoDiT
 
     device = _device()
-    dit = StepVideoDiT(_predictor_config(case["layers"], REAL_HEADS)).train()
+    dit = StepVideoDiT.build(_predictor_config(case["layers"], REAL_HEADS)).train()
     if case["recompute"]:
         dit.configure_recompute("full", "block", case["layers"])
     for param in dit.parameters():
@@ -194,7 +194,7 @@ def run_training_case(case: dict) -> dict:
     meter = PeakMeter(device)
     meter.reset()
     before = meter.current()
-    dit = StepVideoDiT(_predictor_config(case["layers"], NARROW_HEADS)).train()
+    dit = StepVideoDiT.build(_predictor_config(case["layers"], NARROW_HEADS)).train()
     if case["recompute"]:
         dit.configure_recompute("full", "block", case["layers"])
     model = DiffusionLossModel(dit, FlowMatchScheduler.from_config(DiffusionConfig()))

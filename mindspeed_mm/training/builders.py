@@ -38,7 +38,7 @@ def load_dit(args, source: Optional[str], recompute: bool = True, copy_of=None):
     else:
         print_rank0("WARNING: neither --load nor predictor.from_pretrained is set: the DiT starts from RANDOM "
                     "weights. Set LOAD_PATH (a converted checkpoint) to fine-tune the released model.")
-        dit = StepVideoDiT(cfg)
+        dit = StepVideoDiT.build(cfg)
     if recompute:
         dit.configure_recompute(args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
     return dit

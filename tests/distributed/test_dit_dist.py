@@ -218,8 +218,9 @@ def case_cp2_heads_constraint_error():
 
     initialize_model_parallel(context_parallel_size=2)
     try:
-        StepVideoDiT(PredictorConfig(num_layers=1, num_heads=3, head_dim=16, channel_split=[8, 4, 4],
-                                     in_channels=8, out_channels=8, caption_channels=[32, 16], dtype="fp32"))
+        StepVideoDiT.build(PredictorConfig(num_layers=1, num_heads=3, head_dim=16, channel_split=[8, 4, 4],
+                                                 in_channels=8, out_channels=8, caption_channels=[32, 16],
+                                           dtype="fp32"))
     except ParallelConfigError as exc:
         msg = str(exc)
         assert "num_heads 3" in msg and "--tensor-model-parallel-size 1" in msg and "Ulysses degree 2" in msg

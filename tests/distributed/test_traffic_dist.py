@@ -30,7 +30,7 @@ def _count(layers: int, latent_shape):
     from mindspeed_mm.runtime import set_random_seed
 
     set_random_seed(5)
-    model = StepVideoDiT(_config(layers))
+    model = StepVideoDiT.build(_config(layers))
     g = torch.Generator().manual_seed(3)
     f, h, w = latent_shape
     latents = torch.randn(B, f, 4, h, w, generator=g)

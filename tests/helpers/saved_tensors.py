@@ -19,7 +19,7 @@ def saved_bytes_per_block(dtype: str, layers: int = 2, frames: int = 4, height: 
     torch.manual_seed(0)
     cfg = PredictorConfig(num_layers=layers, num_heads=2, head_dim=128, caption_channels=[64, 32], dtype=dtype,
                           attention_backend="sdpa")
-    dit = StepVideoDiT(cfg, device="cpu")
+    dit = StepVideoDiT.build(cfg, device="cpu")
     params = {p.untyped_storage().data_ptr() for p in dit.parameters()}
     where, seen = ["outside"], {}
     for i, block in enumerate(dit.transformer_blocks):

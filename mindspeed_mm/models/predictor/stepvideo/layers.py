@@ -1,4 +1,9 @@
-"""Building blocks of the StepVideo DiT (reference §1), with the parallel plan applied.
+"""Building blocks of the StepVideo DiT (reference §1), plain: `nn.Linear` layers, one device, all heads.
+
+`parallelize.parallelize_stepvideo` applies the parallel plan afterwards: it swaps the planned linears for
+Megatron's column/row layers, the self-attention core for Ulysses/ring, and sets the tensor-parallel group of the
+q/k norms, the TP dropout of the FFN and the blocks' `ParallelState` (what `tp_shared` and `layer_norm` read, both
+identities in a plain model). The math below does not change: heads per rank follow from the tensors' widths.
 
 Tensors are "bsnd" inside attention: (batch, sequence, heads, head_dim). Parameter names
 follow MindSpeed-MM (see state_dict_adapter.py for the official names).
@@ -14,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mindspeed_mm.models.common.attention import attention
-from mindspeed_mm.parallel import UlyssesAttention
 
-from .parallelize import ParallelState, build_linear, linear, tp_shared
+from .parallelize import ParallelState, linear, tp_shared
 
 # LayerNorm eps of the blocks' norm1/norm2 (nn.LayerNorm's default in the official blocks).
 BLOCK_NORM_EPS = 1e-5
@@ -28,16 +32,15 @@ class RMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in float32 and cast back (as official).
 
     The q/k norms act per head, and under TP each rank holds only its heads: the weight's
-    gradient on one rank covers only those heads. With `state.tp > 1` the weight passes
+    gradient on one rank covers only those heads. When the plan sets `_tp_group` (TP > 1) the weight passes
     through Megatron's copy-to-TP-region (identity forward, all-reduce backward), so every
     TP rank ends up with the full gradient, like every other replicated parameter.
     """
 
-    def __init__(self, dim: int, eps: float, elementwise_affine: bool, device=None, dtype=None,
-                 state: Optional[ParallelState] = None):
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool, device=None, dtype=None):
         super().__init__()
         self.eps = eps
-        self._tp_group = state.tp_group if state is not None and state.tp > 1 else None
+        self._tp_group = None
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         else:
@@ -138,10 +141,10 @@ class AdaLayerNormSingle(nn.Module):
 
     TIME_STEP_RESCALE = 1000
 
-    def __init__(self, dim: int, motion_score: bool, mconfig, state: ParallelState, device=None, dtype=None):
+    def __init__(self, dim: int, motion_score: bool, device=None, dtype=None):
         super().__init__()
         self.emb = CombinedEmbedding(dim, motion_score, device, dtype)
-        self.linear = build_linear("adaln_single.linear", dim, 6 * dim, True, mconfig, state, device)
+        self.linear = nn.Linear(dim, 6 * dim, bias=True, device=device, dtype=dtype)  # planned: column, gathered
 
     def forward(self, timestep: torch.Tensor, motion_score: Optional[torch.Tensor] = None):
         embedded = self.emb(timestep * self.TIME_STEP_RESCALE, motion_score)
@@ -186,15 +189,15 @@ def core_attention_fn(backend: str) -> CoreAttention:
 class SelfAttention(nn.Module):
     """attn1: fused QKV (column parallel, [Q; K; V]), q/k RMSNorm, 3D RoPE, Ulysses, proj_out (row)."""
 
-    def __init__(self, dim, head_dim, heads_local, norm_eps, norm_affine, channel_split, core: CoreAttention,
-                 mconfig, state: ParallelState, device=None, dtype=None):
+    def __init__(self, dim, head_dim, norm_eps, norm_affine, channel_split, core: CoreAttention, device=None,
+                 dtype=None):
         super().__init__()
-        self.head_dim, self.heads_local, self.channel_split = head_dim, heads_local, list(channel_split)
-        self.proj_qkv = build_linear("attn1.proj_qkv", dim, 3 * dim, False, mconfig, state, device)
-        self.q_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
-        self.k_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
-        self.proj_out = build_linear("attn1.proj_out", dim, dim, False, mconfig, state, device)
-        self._core = context_parallel_core(core, state)
+        self.head_dim, self.channel_split = head_dim, list(channel_split)
+        self.proj_qkv = nn.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype)
+        self.k_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype)
+        self.proj_out = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        self._core = core  # the plan may wrap it with Ulysses / ring attention over the CP group
 
     def forward(self, x, cos, sin, key_mask=None):
         """x: this rank's tokens (b, s_local, D); key_mask (b, s_cp) marks the real tokens of this CP rank's
@@ -202,9 +205,9 @@ class SelfAttention(nn.Module):
         qkv = linear(self.proj_qkv, x)  # with sequence parallel: all of the CP chunk's tokens
         b, s, _ = qkv.shape
         q, k, v = qkv.chunk(3, dim=-1)
-        q = self.q_norm(q.reshape(b, s, self.heads_local, self.head_dim))
-        k = self.k_norm(k.reshape(b, s, self.heads_local, self.head_dim))
-        v = v.reshape(b, s, self.heads_local, self.head_dim)
+        q = self.q_norm(q.reshape(b, s, -1, self.head_dim))  # this rank's heads: all of them, or 1/TP
+        k = self.k_norm(k.reshape(b, s, -1, self.head_dim))
+        v = v.reshape(b, s, -1, self.head_dim)
         q = apply_rope(q, cos, sin, self.channel_split)
         k = apply_rope(k, cos, sin, self.channel_split)
         out = self._core(q, k, v, key_mask)
@@ -214,24 +217,23 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """attn2: local queries against the full (cropped) text; no norm, modulation or gate."""
 
-    def __init__(self, dim, head_dim, heads_local, norm_eps, norm_affine, core: CoreAttention, mconfig,
-                 state: ParallelState, device=None, dtype=None):
+    def __init__(self, dim, head_dim, norm_eps, norm_affine, core: CoreAttention, device=None, dtype=None):
         super().__init__()
-        self.head_dim, self.heads_local = head_dim, heads_local
-        self.proj_q = build_linear("attn2.proj_q", dim, dim, False, mconfig, state, device)
-        self.proj_kv = build_linear("attn2.proj_kv", dim, 2 * dim, False, mconfig, state, device)
-        self.q_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
-        self.k_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype, state)
-        self.proj_out = build_linear("attn2.proj_out", dim, dim, False, mconfig, state, device)
+        self.head_dim = head_dim
+        self.proj_q = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        self.proj_kv = nn.Linear(dim, 2 * dim, bias=False, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype)
+        self.k_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype)
+        self.proj_out = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
         self._core = core
 
     def forward(self, x, text, key_mask):
         q = linear(self.proj_q, x)  # with sequence parallel: all of the CP chunk's tokens
         b, s, _ = q.shape
-        q = self.q_norm(q.reshape(b, s, self.heads_local, self.head_dim))
+        q = self.q_norm(q.reshape(b, s, -1, self.head_dim))
         k, v = linear(self.proj_kv, text).chunk(2, dim=-1)
-        k = self.k_norm(k.reshape(b, text.shape[1], self.heads_local, self.head_dim))
-        v = v.reshape(b, text.shape[1], self.heads_local, self.head_dim)
+        k = self.k_norm(k.reshape(b, text.shape[1], -1, self.head_dim))
+        v = v.reshape(b, text.shape[1], -1, self.head_dim)
         out = self._core(q, k, v, key_mask)
         return linear(self.proj_out, out.reshape(b, s, -1))
 
@@ -239,9 +241,9 @@ class CrossAttention(nn.Module):
 class GeluProjection(nn.Module):
     """`ff.net.0`: column-parallel Linear (no bias) then GELU(tanh)."""
 
-    def __init__(self, dim, inner, mconfig, state, device=None):
+    def __init__(self, dim, inner, device=None, dtype=None):
         super().__init__()
-        self.proj = build_linear("ff.net.0.proj", dim, inner, False, mconfig, state, device)
+        self.proj = nn.Linear(dim, inner, bias=False, device=device, dtype=dtype)
 
     def forward(self, x):
         return F.gelu(linear(self.proj, x), approximate="tanh")
@@ -250,14 +252,14 @@ class GeluProjection(nn.Module):
 class FeedForward(nn.Module):
     """`ff`: net.0 (Linear D->4D + GELU tanh), net.1 (dropout), net.2 (Linear 4D->D)."""
 
-    def __init__(self, dim, dropout, mconfig, state: ParallelState, device=None):
+    def __init__(self, dim, dropout, device=None, dtype=None):
         super().__init__()
         self.net = nn.ModuleList([
-            GeluProjection(dim, 4 * dim, mconfig, state, device),
+            GeluProjection(dim, 4 * dim, device, dtype),
             nn.Dropout(dropout),
-            build_linear("ff.net.2", 4 * dim, dim, False, mconfig, state, device),
+            nn.Linear(4 * dim, dim, bias=False, device=device, dtype=dtype),
         ])
-        self._tp_dropout = dropout > 0 and state.initialized and state.tp > 1
+        self._tp_dropout = False  # the plan sets it when the hidden features are TP-sharded
 
     def forward(self, x):
         hidden = self.net[0](x)
@@ -275,20 +277,17 @@ class FeedForward(nn.Module):
 class StepVideoTransformerBlock(nn.Module):
     """AdaLN-modulated self-attention, ungated cross-attention, AdaLN-modulated FFN."""
 
-    def __init__(self, dim: int, head_dim: int, heads_local: int, channel_split: List[int], attn_norm_eps: float,
-                 attn_norm_affine: bool, dropout: float, core: CoreAttention, mconfig, state: ParallelState,
-                 device=None, dtype=None):
+    def __init__(self, dim: int, head_dim: int, channel_split: List[int], attn_norm_eps: float,
+                 attn_norm_affine: bool, dropout: float, core: CoreAttention, device=None, dtype=None):
         super().__init__()
         self.dim = dim
         self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
-        self.attn1 = SelfAttention(dim, head_dim, heads_local, attn_norm_eps, attn_norm_affine, channel_split,
-                                   core, mconfig, state, device, dtype)
+        self.attn1 = SelfAttention(dim, head_dim, attn_norm_eps, attn_norm_affine, channel_split, core, device, dtype)
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
-        self.attn2 = CrossAttention(dim, head_dim, heads_local, attn_norm_eps, attn_norm_affine, core, mconfig,
-                                    state, device, dtype)
-        self.ff = FeedForward(dim, dropout, mconfig, state, device)
+        self.attn2 = CrossAttention(dim, head_dim, attn_norm_eps, attn_norm_affine, core, device, dtype)
+        self.ff = FeedForward(dim, dropout, device, dtype)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim, device=device, dtype=dtype) / dim ** 0.5)
-        self._state = state
+        self._state = ParallelState()  # the plan's: sequence parallel reads it
 
     def forward(self, x, text, modulation, key_mask, cos, sin, token_mask=None):
         """key_mask: the text keys' mask; token_mask: the real tokens of the CP chunk (None without padding)."""
@@ -308,14 +307,3 @@ def layer_norm(norm: nn.LayerNorm, x: torch.Tensor, state: ParallelState) -> tor
         return norm(x)
     return F.layer_norm(x, norm.normalized_shape, tp_shared(norm.weight, state), tp_shared(norm.bias, state),
                         norm.eps)
-
-
-def context_parallel_core(core: CoreAttention, state: ParallelState) -> CoreAttention:
-    """The self-attention core over the CP group: Ulysses, ring, or Ulysses inside ring (parallelize.py)."""
-    if state.ring > 1:
-        from mindspeed_mm.parallel.ring import RingAttention
-
-        core = RingAttention(state.ring_group)
-    if state.ulysses > 1:
-        core = UlyssesAttention(core, state.ulysses_group)
-    return core

@@ -33,10 +33,11 @@ from mindspeed_mm.errors import MindSpeedMMError
 from mindspeed_mm.models.registry import register_model
 from mindspeed_mm.runtime.device import current_device
 
-from .layers import (AdaLayerNormSingle, PatchEmbed, StepVideoTransformerBlock, TextProjection,
+from mindspeed_mm.checkpoint.stepvideo_layout import plan_for_module
+
+from .layers import (AdaLayerNormSingle, PatchEmbed, RMSNorm, StepVideoTransformerBlock, TextProjection,
                      core_attention_fn, layer_norm, rope_cos_sin)
-from .parallelize import (check_heads_divisible, current_parallel_state, megatron_config, padded_tokens,
-                          shard_tokens, tp_shared, unshard_tokens)
+from .parallelize import ParallelState, megatron_config, padded_tokens, shard_tokens, tp_shared, unshard_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,21 @@ def _drop_extra_state(module, state_dict, prefix, local_metadata):
 
 @register_model("stepvideodit")
 class StepVideoDiT(MegatronModule):
-    """The StepVideo DiT; build it from a `PredictorConfig` or with `from_pretrained`."""
+    """The StepVideo DiT, plain: one config in, `nn.Linear` layers, all heads on one device.
+
+    `StepVideoDiT.build(config)` (random weights) and `from_pretrained` (loaded) return it with the parallel plan
+    of the job applied (`parallelize.parallelize_stepvideo`: Megatron's column/row layers, Ulysses/ring attention,
+    sequence parallel); the plan can also be applied to a plain model afterwards."""
 
     def __init__(self, config: PredictorConfig, *, device: Union[str, torch.device, None] = None,
                  perform_initialization: bool = True):
         config.validate()
-        state = current_parallel_state()
-        check_heads_divisible(config.num_heads, state.tp, state.ulysses)
         dtype = torch_dtype(config.dtype)
+        state = ParallelState()
         super().__init__(megatron_config(config.num_layers, config.num_heads, config.head_dim, dtype, state,
                                          perform_initialization))
         self.predictor_config = config
-        self.parallel = state
+        self.parallel = state  # parallelize_stepvideo replaces it
         self.recompute_granularity: Optional[str] = None
         self.recompute_method: Optional[str] = None
         self.recompute_num_layers: Optional[int] = None
@@ -82,20 +86,18 @@ class StepVideoDiT(MegatronModule):
         p = config.patch_size
         i2v = config.use_additional_conditions
         core = core_attention_fn(config.attention_backend)
-        mcfg = self.config
         kw = dict(device=device, dtype=dtype)
         with torch.device(device):
             self.pos_embed = PatchEmbed(p, config.in_channels * (2 if i2v else 1), dim, **kw)
-            self.adaln_single = AdaLayerNormSingle(dim, i2v, mcfg, state, **kw)
+            self.adaln_single = AdaLayerNormSingle(dim, i2v, **kw)
             self.clip_projection = nn.Linear(clip_channels, dim, **kw)
             self.caption_norm = nn.LayerNorm(llm_channels, eps=config.norm_eps,
                                              elementwise_affine=config.norm_elementwise_affine, **kw)
             self.caption_projection = TextProjection(llm_channels, dim, **kw)
             self.transformer_blocks = nn.ModuleList([
                 StepVideoTransformerBlock(
-                    dim, config.head_dim, config.num_heads // state.tp, config.channel_split,
-                    config.attention_norm_eps, config.attention_norm_elementwise_affine, config.dropout,
-                    core, mcfg, state, **kw)
+                    dim, config.head_dim, config.channel_split, config.attention_norm_eps,
+                    config.attention_norm_elementwise_affine, config.dropout, core, **kw)
                 for _ in range(config.num_layers)
             ])
             self.norm_out = nn.LayerNorm(dim, eps=config.norm_eps,
@@ -103,8 +105,46 @@ class StepVideoDiT(MegatronModule):
             self.scale_shift_table = nn.Parameter(torch.randn(2, dim, **kw) / dim ** 0.5)
             self.proj_out = nn.Linear(dim, p * p * config.out_channels, **kw)
         self.register_state_dict_post_hook(_drop_extra_state)
+        if perform_initialization and device.type != "meta":
+            self.reset_parameters()
 
     # --- construction helpers ---------------------------------------------------------------
+
+    @classmethod
+    def build(cls, config: PredictorConfig, *, device=None, perform_initialization: bool = True,
+              parallel: Optional[ParallelState] = None) -> "StepVideoDiT":
+        """A DiT with random weights (`reset_parameters`), the job's parallel plan applied (`parallel`, default:
+        the plan of Megatron's parallel state), built on `meta` first so that each rank allocates only its share."""
+        from .pretrained import build_model
+
+        return build_model(cls, config, device=device, perform_initialization=perform_initialization,
+                           parallel=parallel)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random weights: the planned linears (column/row layers under TP) N(0, 0.02) with zero bias, drawn per TP
+        shard from the model-parallel RNG stream; other layers PyTorch's defaults; norms one; the modulation
+        tables N(0, 1/dim)."""
+        tp_random = self.parallel.initialized and self.parallel.tp > 1
+        for name, module in self.named_modules():
+            if plan_for_module(name) is not None:
+                if tp_random:
+                    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+                    with get_cuda_rng_tracker().fork():
+                        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+                module.reset_parameters()
+            elif isinstance(module, RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+        dim = self.predictor_config.hidden_size
+        for name, param in self.named_parameters():
+            if name.endswith("scale_shift_table"):
+                param.copy_(torch.randn(param.shape, dtype=torch.float32) / dim ** 0.5)
 
     @classmethod
     def from_pretrained(cls, path, config: Optional[PredictorConfig] = None, *, device=None, **overrides):

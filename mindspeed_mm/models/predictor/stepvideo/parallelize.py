@@ -63,8 +63,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from mindspeed_mm.checkpoint.stepvideo_layout import TP_FLAG, TP_PLAN
-from mindspeed_mm.parallel import gather_forward_split_backward, split_forward_gather_backward
+from mindspeed_mm.checkpoint.stepvideo_layout import TP_FLAG, LinearPlan, plan_for_module
+from mindspeed_mm.parallel import UlyssesAttention, gather_forward_split_backward, split_forward_gather_backward
 from mindspeed_mm.runtime.initialize import ParallelConfigError
 
 CP_FLAG = "--context-parallel-size"
@@ -173,18 +173,69 @@ def _init_normal(weight: torch.Tensor) -> None:
     nn.init.normal_(weight, mean=0.0, std=0.02)
 
 
-def build_linear(name: str, in_features: int, out_features: int, bias: bool, config, state: ParallelState,
-                 device=None) -> nn.Module:
-    """The layer for `name` (a TP_PLAN key): Megatron Column/Row parallel, or nn.Linear when
-    Megatron's parallel state is not initialised (a plain process, TP = 1)."""
-    plan = TP_PLAN[name]
+def parallelize_stepvideo(model, state: Optional[ParallelState] = None):
+    """Apply the parallel plan to a plain `StepVideoDiT`, in place; returns it.
+
+    `state` defaults to the job's (`current_parallel_state`). Without Megatron's parallel state the model stays
+    plain. Otherwise: every planned `nn.Linear` (`TP_PLAN`) becomes Megatron's column or row layer holding this
+    TP rank's shard (copied from the plain weights when they exist; left on `meta` when the plain model is on
+    `meta`, for a loader to fill), the self-attention core is wrapped for the CP algorithm, the q/k norms get the
+    TP group, the FFN its TP dropout, the blocks the state that sequence parallel reads, and `model.config`
+    becomes the Megatron `TransformerConfig` of the layout (what Megatron DDP reads).
+    """
+    from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
+
+    from .layers import FeedForward, RMSNorm, SelfAttention, StepVideoTransformerBlock
+
+    state = current_parallel_state() if state is None else state
+    cfg = model.predictor_config
+    check_heads_divisible(cfg.num_heads, state.tp, state.ulysses)
     if not state.initialized:
-        layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=config.params_dtype)
-        if config.perform_initialization:
-            _init_normal(layer.weight)
-            if bias:
-                nn.init.zeros_(layer.bias)
-        return layer
+        return model
+    # Megatron's layers never initialise here: their shards are copied from the plain weights, or filled by a
+    # loader, or drawn by `StepVideoDiT.reset_parameters` once they have memory.
+    mcfg = megatron_config(cfg.num_layers, cfg.num_heads, cfg.head_dim, model.config.params_dtype, state, False)
+    for name, module in list(model.named_modules()):
+        plan = plan_for_module(name)
+        if plan is not None and isinstance(module, nn.Linear):
+            with torch.device(module.weight.device):
+                layer = build_linear(plan, module.in_features, module.out_features, module.bias is not None, mcfg,
+                                     state)
+            if not module.weight.is_meta:
+                with torch.no_grad():
+                    for leaf in ("weight", "bias"):
+                        if getattr(module, leaf) is not None:
+                            getattr(layer, leaf).copy_(adapter.shard_tensor(f"{name}.{leaf}", getattr(module, leaf),
+                                                                            state.tp_rank, state.tp))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        elif isinstance(module, RMSNorm) and state.tp > 1:
+            module._tp_group = state.tp_group
+        elif isinstance(module, FeedForward):
+            module._tp_dropout = module.net[1].p > 0 and state.tp > 1
+        elif isinstance(module, StepVideoTransformerBlock):
+            module._state = state
+        elif isinstance(module, SelfAttention):
+            module._core = context_parallel_core(module._core, state)
+    model.config = mcfg
+    model.parallel = state
+    return model
+
+
+def context_parallel_core(core, state: ParallelState):
+    """The self-attention core over the CP group: Ulysses, ring, or Ulysses inside ring (module docstring)."""
+    if state.ring > 1:
+        from mindspeed_mm.parallel.ring import RingAttention
+
+        core = RingAttention(state.ring_group)
+    if state.ulysses > 1:
+        core = UlyssesAttention(core, state.ulysses_group)
+    return core
+
+
+def build_linear(plan: LinearPlan, in_features: int, out_features: int, bias: bool, config,
+                 state: ParallelState) -> nn.Module:
+    """Megatron's column or row parallel layer for `plan`, on the current default device."""
     from megatron.core.tensor_parallel import (
         ColumnParallelLinear,
         RowParallelLinear,

@@ -46,7 +46,7 @@ from mindspeed_mm.checkpoint import stepvideo_adapter as adapter
 from mindspeed_mm.checkpoint.stepvideo_adapter import PretrainedLoadError, infer_config_from_state_dict
 from mindspeed_mm.checkpoint.stepvideo_layout import plan_for_parameter
 
-from .parallelize import current_parallel_state
+from .parallelize import current_parallel_state, parallelize_stepvideo
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -174,10 +174,20 @@ def _check_strict(model, local_shapes: Dict[str, tuple], full_shapes: Dict[str, 
 # --- building without initialising, copying as we read ----------------------------------------
 
 
-def _empty_model(cls, cfg: PredictorConfig):
-    """The DiT on `meta`: shapes, names and Megatron's parallel marks, but no memory and no initialisation.
-    `_materialize` then gives it memory that the load writes exactly once."""
-    return cls(cfg, device="meta", perform_initialization=False)
+def _empty_model(cls, cfg: PredictorConfig, parallel=None):
+    """The DiT on `meta` with the parallel plan applied (`parallel`, default the job's): shapes, names and Megatron's
+    parallel marks, but no memory and no initialisation. `_materialize` then gives it memory that the load writes
+    exactly once."""
+    return parallelize_stepvideo(cls(cfg, device="meta", perform_initialization=False), parallel)
+
+
+def build_model(cls, cfg: PredictorConfig, device=None, perform_initialization: bool = True, parallel=None):
+    """`StepVideoDiT.build`: plain on `meta`, the plan applied, then each rank's share given memory and (unless
+    told not to) random weights, so no rank ever holds the whole model."""
+    model = _materialize(_empty_model(cls, cfg, parallel), device)
+    if perform_initialization:
+        model.reset_parameters()
+    return model
 
 
 def _materialize(model, device=None):
@@ -207,7 +217,7 @@ def _materialize(model, device=None):
 def copy_model(model):
     """A second DiT with `model`'s config, device and weights, built without initialising and filled tensor by
     tensor from `model` (DPO's actor and reference from one read of the checkpoint)."""
-    clone = _materialize(_empty_model(type(model), model.predictor_config), model.device)
+    clone = _materialize(_empty_model(type(model), model.predictor_config, model.parallel), model.device)
     with torch.no_grad():
         source = model.state_dict()
         for key, tensor in clone.state_dict().items():
