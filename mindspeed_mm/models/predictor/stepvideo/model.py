@@ -356,9 +356,13 @@ class StepVideoDiT(MegatronModule):
             return x
 
         if self.parallel.initialized:
-            # Megatron's checkpoint also restores the model-parallel RNG tracker's states.
+            # Megatron's checkpoint also restores the model-parallel RNG tracker's states. It is reentrant: with a
+            # frozen base (LoRA) no input requires grad and the blocks' adapters would get none; nothing before the
+            # blocks needs a gradient then, so the input can start the graph here.
             from megatron.core import tensor_parallel
 
+            if torch.is_grad_enabled() and not args[0].requires_grad:
+                args = (args[0].detach().requires_grad_(),) + args[1:]
             return tensor_parallel.checkpoint(run, False, *args)
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 

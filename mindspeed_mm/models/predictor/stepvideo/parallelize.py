@@ -48,9 +48,11 @@ Context parallel (CP) and sequence parallel (SP), decided for this project:
 Constraint: num_heads % (TP * Ulysses degree) == 0 (Ulysses degree: CP for ulysses_cp_algo, 1 for
 megatron_cp_algo, --ulysses-degree-in-cp for hybrid_cp_algo).
 
-In a plain process where Megatron's parallel state is not initialised, TP = CP = 1 and the
-planned layers are ordinary `nn.Linear`s with the same parameter names; no torch.distributed
-is needed. Once the parallel state exists, Megatron-core's Column/RowParallelLinear are used.
+The plan is applied from outside the model (torchtitan's pattern): `StepVideoDiT` is built plain
+(`nn.Linear`s with the same parameter names, all heads, no torch.distributed), and
+`parallelize_stepvideo(model, state)` swaps in Megatron-core's Column/RowParallelLinear, the CP
+attention cores and the sequence-parallel state afterwards. In a plain process (Megatron's parallel
+state not initialised) it leaves the model plain.
 """
 
 from __future__ import annotations
