@@ -19,6 +19,7 @@ Forward contract (see docs/api.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional, Sequence, Union
 
@@ -125,15 +126,17 @@ class StepVideoDiT(MegatronModule):
         """Random weights: the planned linears (column/row layers under TP) N(0, 0.02) with zero bias, drawn per TP
         shard from the model-parallel RNG stream; other layers PyTorch's defaults; norms one; the modulation
         tables N(0, 1/dim)."""
-        tp_random = self.parallel.initialized and self.parallel.tp > 1
+        shard_stream = contextlib.nullcontext
+        if self.parallel.initialized and self.parallel.tp > 1:
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+            from megatron.core.tensor_parallel.random import _MODEL_PARALLEL_RNG_TRACKER_NAME
+
+            tracker = get_cuda_rng_tracker()
+            if _MODEL_PARALLEL_RNG_TRACKER_NAME in tracker.get_states():  # seeded (runtime.set_random_seed)
+                shard_stream = tracker.fork
         for name, module in self.named_modules():
             if plan_for_module(name) is not None:
-                if tp_random:
-                    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-                    with get_cuda_rng_tracker().fork():
-                        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                else:
+                with shard_stream():
                     nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
