@@ -87,3 +87,22 @@ def test_the_shipped_i2v_example_runs(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert sorted(p.name for p in (tmp_path / "result").iterdir()) == ["video_0.mp4", "video_grid.mp4"]
+
+
+def test_turbo_recipe_is_the_official_one_and_loads():
+    """Step-Video-T2V-Turbo: the official recommendation is 10 to 15 steps, time shift 17, guidance 5; the config
+    differs from the 50-step one in exactly those settings (and where it writes)."""
+    from mindspeed_mm.config import load_config
+    from mindspeed_mm.config.model import MMModelConfig
+
+    turbo = json.loads((EXAMPLES / "t2v/inference_t2v_turbo_model.json").read_text())
+    base = json.loads((EXAMPLES / "t2v/inference_t2v_model.json").read_text())
+    assert 10 <= turbo["diffusion"]["num_inference_timesteps"] <= 15
+    assert turbo["diffusion"]["shift"] == 17.0 and turbo["pipeline_config"]["guidance_scale"] == 5.0
+    changed = {k for k in base if base[k] != turbo[k]}
+    assert changed == {"diffusion", "pipeline_config", "save_path"}, changed
+    for section in ("diffusion", "pipeline_config"):
+        assert {k for k in base[section] if base[section][k] != turbo[section][k]} <= {
+            "num_inference_timesteps", "shift", "guidance_scale"}
+    cfg = load_config(MMModelConfig, str(EXAMPLES / "t2v/inference_t2v_turbo_model.json"), "--mm-model")
+    assert cfg.diffusion.num_inference_timesteps == 15 and cfg.pipeline_config.guidance_scale == 5.0
