@@ -109,6 +109,16 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
 
+    g = p.add_argument_group("LoRA", "on when --lora-target-modules is given (MindSpeed's flags)")
+    g.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="DiT layers to adapt: attn1.proj_qkv attn1.proj_out attn2.proj_q attn2.proj_kv "
+                        "attn2.proj_out ff.net.0.proj ff.net.2")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-load", default=None,
+                   help="a LoRA checkpoint (--save of a LoRA run) to start from or resume; --load stays the base")
+
     g = p.add_argument_group("DPO")
     g.add_argument("--dpo-beta", type=float, default=0.1)
     g.add_argument("--dpo-label-smoothing", type=float, default=0.0)
@@ -308,6 +318,29 @@ def _validate_sequence_parallel(args: argparse.Namespace, tp: int, cp: int) -> N
                             "(Megatron's rule): add them, or drop --overlap-param-gather.")
 
 
+def _validate_lora(args: argparse.Namespace) -> None:
+    if args.lora_target_modules is None:
+        if args.lora_load is not None:
+            raise ArgumentError("--lora-load needs --lora-target-modules (the adapter's layers).")
+        return
+    from .models.lora import ALL_TARGETS  # light: no Megatron import
+
+    unknown = [t for t in args.lora_target_modules if t not in ALL_TARGETS]
+    if unknown:
+        raise ArgumentError(f"--lora-target-modules {unknown}: not LoRA targets of the StepVideo DiT; choose from "
+                            f"{' '.join(ALL_TARGETS)}.")
+    if args.lora_r < 1 or args.lora_alpha <= 0 or not 0.0 <= args.lora_dropout < 1.0:
+        raise ArgumentError(f"--lora-r {args.lora_r} must be at least 1, --lora-alpha {args.lora_alpha} positive and "
+                            f"--lora-dropout {args.lora_dropout} in [0, 1).")
+    if args.entry == "dpo":
+        raise ArgumentError("LoRA-DPO is not available yet: drop --lora-target-modules for full DPO.")
+    if args.ckpt_format != "torch":
+        raise ArgumentError("LoRA checkpoints are written in the legacy format for now: use --ckpt-format torch.")
+    if args.lora_load is not None and not os.path.exists(args.lora_load):
+        raise ArgumentError(f"--lora-load {args.lora_load} does not exist; point it at the --save folder of a LoRA "
+                            f"run (it holds latest_checkpointed_iteration.txt).")
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """Cheap checks that must pass before any model is built."""
     _resolve_run_settings(args)
@@ -324,6 +357,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             f"use 1 or drop the flag."
         )
     _validate_sequence_parallel(args, tp, cp)
+    _validate_lora(args)
     if args.async_save and args.ckpt_format != "torch_dist":
         raise ArgumentError("--async-save writes distributed checkpoints in the background: add --ckpt-format "
                             "torch_dist, or drop --async-save.")

@@ -55,7 +55,11 @@ def plan_for_parameter(key: str) -> Tuple[Optional[LinearPlan], str]:
 
 
 def split_dim(plan: LinearPlan, leaf: str) -> Optional[int]:
-    """The tensor dimension that TP splits for this parameter, or None when replicated."""
+    """The tensor dimension that TP splits for this parameter, or None when replicated.
+
+    A LoRA adapter on the layer (`models/lora.py`) follows it: on a column layer `lora_B` (out, r) is split like the
+    weight's rows and `lora_A` replicated; on a row layer `lora_A` (r, in) is split like the weight's columns and
+    `lora_B` replicated."""
     if plan.style == "column":
-        return 0
-    return 1 if leaf == "weight" else None  # a row-parallel bias is added after the all-reduce
+        return None if leaf == "lora_A" else 0
+    return 1 if leaf in ("weight", "lora_A") else None  # a row-parallel bias is added after the all-reduce

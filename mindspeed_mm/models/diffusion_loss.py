@@ -30,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from .ae import StepVideoI2VProcessor, StepVideoVAE
 from .diffusion import FlowMatchScheduler
+from .lora import LORA_SUFFIXES
 from .predictor import StepVideoDiT
 from .text_encoder import StepVideoTextEncoder
 
@@ -83,8 +84,12 @@ class DiffusionLossModel(MegatronModule):
         self.encoder_group = encoder_group
 
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
-        # The checkpoint holds the DiT under its own names (no "predictor." prefix), as MindSpeed-MM does.
-        return self.predictor.state_dict(prefix=prefix, keep_vars=keep_vars)
+        # The checkpoint holds the DiT under its own names (no "predictor." prefix), as MindSpeed-MM does; with LoRA
+        # only the adapters (the base is what --load names, recorded in lora.json).
+        state = self.predictor.state_dict(prefix=prefix, keep_vars=keep_vars)
+        if any(k.endswith(LORA_SUFFIXES) for k in state):
+            return {k: v for k, v in state.items() if k.endswith(LORA_SUFFIXES)}
+        return state
 
     # ---- inputs -----------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from mindspeed_mm.checkpoint.stepvideo_layout import plan_for_module
 
+LORA_SUFFIXES = (".lora_A", ".lora_B")
 DEFAULT_TARGETS = ("attn1.proj_qkv", "attn1.proj_out", "attn2.proj_q", "attn2.proj_kv", "attn2.proj_out")
 ALL_TARGETS = DEFAULT_TARGETS + ("ff.net.0.proj", "ff.net.2")
 
@@ -137,8 +138,8 @@ def apply_lora(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS
 
 
 def lora_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
-    return (p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B")))
+    return (p for n, p in model.named_parameters() if n.endswith(LORA_SUFFIXES))
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    return {n: p for n, p in model.state_dict().items() if n.endswith((".lora_A", ".lora_B"))}
+    return {n: p for n, p in model.state_dict().items() if n.endswith(LORA_SUFFIXES)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
 from ..arguments import ArgumentError
@@ -51,7 +52,47 @@ def build_predictor(args, copy_of=None):
     if source:
         print_rank0(f"copying the DiT from the DPO reference, which was loaded from {source}" if copy_of is not None
                     else f"loading the DiT from {source}")
-    return load_dit(args, source, copy_of=copy_of).train()
+    dit = load_dit(args, source, copy_of=copy_of).train()
+    if args.lora_target_modules:
+        add_lora(args, dit, source)
+    return dit
+
+
+LORA_RECORD = "lora"
+
+
+def add_lora(args, dit, base: Optional[str]) -> None:
+    """LoRA on the loaded DiT (base frozen), its adapters from --lora-load when given, and the record saved with
+    every checkpoint (`lora.json`: the adapter's settings and the base it was trained on)."""
+    from ..checkpoint.megatron_layout import CheckpointError, load_model_state_dict, read_tracker
+    from ..models.lora import apply_lora, lora_state_dict
+
+    targets = apply_lora(dit, args.lora_target_modules, r=args.lora_r, alpha=args.lora_alpha,
+                         dropout=args.lora_dropout)
+    expected = set(lora_state_dict(dit))
+    trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
+    print_rank0(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {len(targets)} layers "
+                f"({' '.join(args.lora_target_modules)}): {trainable:,} trainable parameters on this rank, the base "
+                f"frozen")
+    dit.lora_record = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                       "target_modules": list(args.lora_target_modules), "base": base}
+    if args.lora_load is None:
+        return
+    state = dit.parallel
+    tp_rank, tp = (state.tp_rank, state.tp) if state.initialized else (0, 1)
+    adapters, path = load_model_state_dict(args.lora_load, tp_rank, tp, read_tracker(args.lora_load))
+    if set(adapters) != expected:
+        missing, unexpected = sorted(expected - set(adapters))[:4], sorted(set(adapters) - expected)[:4]
+        raise CheckpointError(f"{path}: not the adapter of these LoRA settings (--lora-target-modules, TP {tp}): "
+                              f"missing {missing}, unexpected {unexpected}.")
+    own = dict(dit.named_parameters())
+    for key, tensor in adapters.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{path}: {key} is {tuple(tensor.shape)}, this run's adapter {tuple(own[key].shape)}"
+                                  f" (--lora-r {args.lora_r}); use the r it was trained with.")
+        with torch.no_grad():
+            own[key].copy_(tensor)
+    print_rank0(f"LoRA adapters loaded from {args.lora_load}")
 
 
 def build_encoders(args) -> Tuple[object, object]:
@@ -113,6 +154,10 @@ def build_pretrain_model(args):
     check_training_sections(args)
     model_cfg = args.mm.model
     vae, encoder = build_encoders(args)
-    return DiffusionLossModel(build_predictor(args), FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae,
-                     text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
-                     **encoder_dp_options(args, vae, encoder))
+    dit = build_predictor(args)
+    model = DiffusionLossModel(dit, FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae, text_encoder=encoder,
+                               i2v=model_cfg.predictor.use_additional_conditions,
+                               **encoder_dp_options(args, vae, encoder))
+    if getattr(dit, "lora_record", None):
+        model.checkpoint_records[LORA_RECORD] = dit.lora_record
+    return model

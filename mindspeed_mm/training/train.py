@@ -93,9 +93,12 @@ def pretrain(argv: Optional[Sequence[str]] = None, spec: TrainSpec = PRETRAIN) -
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     optimizer, scheduler = build_optimizer(args, ddp)
     iteration, consumed = 0, 0
-    if args.load:
+    # The training state (optimizer, schedule, iteration) is where the trained weights are: --load, or for LoRA the
+    # adapter checkpoint --lora-load (--load is then the frozen base).
+    resume_dir = args.lora_load if args.lora_target_modules else args.load
+    if resume_dir:
         iteration, consumed = load_training_state(
-            args.load, optimizer, scheduler, args.use_distributed_optimizer, finetune=args.finetune,
+            resume_dir, optimizer, scheduler, args.use_distributed_optimizer, finetune=args.finetune,
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, log=_print, model=model)
     start_iteration = iteration
 
@@ -115,7 +118,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, spec: TrainSpec = PRETRAIN) -
     window_start, window_iters = time.time(), 0
     last_loss = math.nan
     # An iteration that the save folder already holds complete is not written again (nothing changed).
-    saved_at = iteration if _same_folder(args.load, args.save) and is_complete_checkpoint(args.save, iteration) \
+    saved_at = iteration if _same_folder(resume_dir, args.save) and is_complete_checkpoint(args.save, iteration) \
         else None
     records = getattr(model, "checkpoint_records", {})
     async_queue = None

@@ -29,7 +29,7 @@ def _shared_tmp() -> Path:
     return Path(box[0])
 
 
-def _reference(root: Path, i2v: bool, gbs: int = 2):
+def _reference(root: Path, i2v: bool, gbs: int = 2, extra=()):
     """Configs on every rank's shared folder, and the single-process result (trained by rank 0)."""
     from tests.helpers.training_fixtures import train_argv, write_training_configs
 
@@ -41,7 +41,7 @@ def _reference(root: Path, i2v: bool, gbs: int = 2):
                     "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
         env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
         proc = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain_sora.py"),
-                               *train_argv(paths, root / "reference", iters=2, gbs=gbs)],
+                               *train_argv(paths, root / "reference", iters=2, gbs=gbs, extra=list(extra))],
                               capture_output=True, text=True, env=env, timeout=600)
         (root / "reference.done").write_text(str(proc.returncode))
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,15 +55,15 @@ def _reference(root: Path, i2v: bool, gbs: int = 2):
     return {"data": root / "w" / "data.json", "model": root / "w" / "model.json"}
 
 
-def _check_layout(tp: int, cp: int, i2v: bool, extra=(), gbs: int = 2):
+def _check_layout(tp: int, cp: int, i2v: bool, extra=(), gbs: int = 2, task=()):
     from mindspeed_mm.checkpoint.megatron_source import read_megatron_full
     from mindspeed_mm.training import pretrain
     from tests.helpers.training_fixtures import train_argv
 
     root = _shared_tmp()
-    paths = _reference(root, i2v, gbs)
+    paths = _reference(root, i2v, gbs, task)
     summary = pretrain(train_argv(paths, root / "parallel", iters=2, tp=tp, cp=cp, gbs=gbs,
-                                  extra=["--use-distributed-optimizer", *extra]))
+                                  extra=["--use-distributed-optimizer", *task, *extra]))
     assert summary["iteration"] == 2
     dist.barrier()
     if dist.get_rank() == 0:
@@ -145,6 +145,14 @@ def case_dp2_overlapped_grad_reduce_and_param_gather_match_single_process():
     # Two micro-batches per rank: the first backward runs under no_sync, the second reduces while it runs; the
     # parameters updated by step 1 are gathered during step 2's forward, and before the save at step 2.
     _check_layout(tp=1, cp=1, i2v=False, gbs=4, extra=["--overlap-grad-reduce", "--overlap-param-gather"])
+
+
+@dist_case(world_size=2)
+def case_tp2_sp_lora_training_matches_single_process():
+    # Only the adapters train (the merged checkpoint holds them alone); TP-split B / A rows and columns merge back.
+    _check_layout(tp=2, cp=1, i2v=False, extra=["--sequence-parallel"],
+                  task=["--lora-target-modules", "attn1.proj_qkv", "attn1.proj_out", "attn2.proj_kv", "ff.net.0.proj",
+                        "ff.net.2", "--lora-r", "4", "--lora-alpha", "8"])
 
 
 @dist_case(world_size=4)
