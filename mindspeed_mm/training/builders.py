@@ -53,7 +53,7 @@ def build_predictor(args, copy_of=None):
         print_rank0(f"copying the DiT from the DPO reference, which was loaded from {source}" if copy_of is not None
                     else f"loading the DiT from {source}")
     dit = load_dit(args, source, copy_of=copy_of).train()
-    if args.lora_target_modules:
+    if getattr(args, "lora_target_modules", None):  # flags from parse_args; callers may pass a partial namespace
         add_lora(args, dit, source)
     return dit
 
