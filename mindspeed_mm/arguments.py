@@ -332,8 +332,6 @@ def _validate_lora(args: argparse.Namespace) -> None:
     if args.lora_r < 1 or args.lora_alpha <= 0 or not 0.0 <= args.lora_dropout < 1.0:
         raise ArgumentError(f"--lora-r {args.lora_r} must be at least 1, --lora-alpha {args.lora_alpha} positive and "
                             f"--lora-dropout {args.lora_dropout} in [0, 1).")
-    if args.entry == "dpo":
-        raise ArgumentError("LoRA-DPO is not available yet: drop --lora-target-modules for full DPO.")
     if args.ckpt_format != "torch":
         raise ArgumentError("LoRA checkpoints are written in the legacy format for now: use --ckpt-format torch.")
     if args.lora_load is not None and not os.path.exists(args.lora_load):

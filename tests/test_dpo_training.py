@@ -15,7 +15,8 @@ import torch
 
 from mindspeed_mm.dpo.loss import dpo_loss
 from tests.helpers.pipeline_fixtures import write_videos
-from tests.helpers.training_fixtures import train_argv, write_training_configs
+from tests.helpers.training_fixtures import histogram_json as _histogram
+from tests.helpers.training_fixtures import train_argv, write_dpo_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,19 +40,6 @@ def test_dpo_loss_formula():
     torch.testing.assert_close(same, torch.full((2,), math.log(2)))
 
 
-def _dpo_features(root: Path) -> None:
-    rows = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
-    pairs = [{"file": rows[i]["file"], "file_rejected": rows[i + 1]["file"], "captions": rows[i]["captions"],
-              "score": 0.8, "score_rejected": 0.3} for i in range(0, len(rows), 2)]
-    (root / "data.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-
-
-def _histogram(path: Path) -> Path:
-    path.write_text(json.dumps({"0.2-0.30000000000000004": 1, "0.30000000000000004-0.4": 1, "total_num": 2,
-                                "max_num": 1, "min_bin": 2, "max_bin": 4, "bin_width": 0.1, "bin_size": 2}))
-    return path
-
-
 def _env(**extra) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), MINDSPEED_MM_DEVICE="cpu", OMP_NUM_THREADS="1", **extra)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -60,14 +48,7 @@ def _env(**extra) -> dict:
 
 
 def _dpo_configs(tmp_path: Path, weight_alpha: float) -> dict:
-    """A tiny official DiT, 4 feature pairs (2 per step) and the DPO model JSON."""
-    paths = write_training_configs(tmp_path / "w", samples=8)
-    _dpo_features(tmp_path / "w" / "features_data")
-    model = json.loads(paths["model"].read_text())
-    model["dpo"] = {"histogram_path": str(_histogram(tmp_path / "hist.json")), "weight_alpha": weight_alpha,
-                    "weight_beta": None, "loss_beta": 1.0}
-    paths["model"].write_text(json.dumps(model))
-    return paths
+    return write_dpo_configs(tmp_path, weight_alpha=weight_alpha)
 
 
 def test_dpo_on_feature_pairs_starts_at_log2_and_trains_the_actor(tmp_path):

@@ -7,6 +7,10 @@ or extracted latents, one prompt per pair, and "score"/"score_rejected" for the 
 Both members of a pair are noised with the same t and the same noise (see `mindspeed_mm/dpo/loss.py`).
 The actor runs winner and loser in one batch of 2b; the reference runs them without gradients. Only the
 actor is trained and saved.
+
+LoRA-DPO: with `reference=None` the actor must carry LoRA adapters (`models/lora.py`), and the reference is the
+actor itself with its adapters switched off, in eval mode and without gradients: the frozen base is the weights the
+run started from, so no second DiT is built, loaded or held.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from typing import Dict, Optional
 import torch
 
 from ..dpo.loss import dpo_loss
-from .diffusion_loss import Frozen, DiffusionLossModel
+from .diffusion_loss import DiffusionLossModel, Frozen
+from .lora import has_lora, lora_disabled
 
 
 class DPOLossModel(DiffusionLossModel):
-    """The actor DiT (trained) against `reference`, a frozen DiT of the same config.
+    """The actor DiT (trained) against `reference`, a frozen DiT of the same config, or, when `reference` is None,
+    against the actor's own base (its LoRA adapters off).
 
     The trainer decides where the reference comes from (`mindspeed_mm/training/dpo.py`); this module only runs it.
     With `enable_encoder_dp` the pairs are encoded by `DiffusionLossModel.encode_iteration`: winner, then loser.
@@ -35,6 +41,9 @@ class DPOLossModel(DiffusionLossModel):
                  enable_encoder_dp: bool = False, encoder_group=None):
         super().__init__(predictor, scheduler, vae=vae, text_encoder=text_encoder, i2v=i2v,
                          enable_encoder_dp=enable_encoder_dp, encoder_group=encoder_group)
+        if reference is None and not has_lora(predictor):
+            raise ValueError("DPOLossModel without a reference DiT needs LoRA adapters on the actor (LoRA-DPO: the "
+                             "reference is the actor with its adapters off).")
         # Out of the module tree: DDP, the optimizer, `.train()` and checkpoints see the actor only.
         self._reference = Frozen(reference)
         self.loss_beta, self.beta = loss_beta, beta
@@ -44,6 +53,19 @@ class DPOLossModel(DiffusionLossModel):
     @property
     def reference(self):
         return self._reference.module
+
+    def _reference_losses(self, target, *inputs, **extra) -> torch.Tensor:
+        with torch.no_grad():
+            if self._reference.module is not None:
+                return self.scheduler.loss(self._reference(*inputs, **extra), target)
+            # LoRA-DPO: the base, as a frozen reference runs (eval mode: no dropout anywhere)
+            was_training = self.predictor.training
+            self.predictor.eval()
+            try:
+                with lora_disabled(self.predictor):
+                    return self.scheduler.loss(self.predictor(*inputs, **extra), target)
+            finally:
+                self.predictor.train(was_training)
 
     def _pair_weights(self, batch: Dict, b: int) -> Optional[torch.Tensor]:
         if not self.weight_alpha:
@@ -80,8 +102,7 @@ class DPOLossModel(DiffusionLossModel):
         if self.i2v:
             extra = {"image_latents": torch.cat([cond_w, cond_l]), "motion_score": self.motion_score}
         actor = self.scheduler.loss(self.predictor(x_t, t2, prompt2, mask2, **extra), target)
-        with torch.no_grad():
-            reference = self.scheduler.loss(self._reference(x_t, t2, prompt2, mask2, **extra), target)
+        reference = self._reference_losses(target, x_t, t2, prompt2, mask2, **extra)
         loss, metrics = dpo_loss(actor[:b], actor[b:], reference[:b], reference[b:], t, self.loss_beta, self.beta,
                                  self.label_smoothing, self.pref_ftx, self._pair_weights(batch, b))
         return loss, metrics

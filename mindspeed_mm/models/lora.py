@@ -28,6 +28,7 @@ keeps the base keys and the DiT's (b, s, h) layout. The exported adapter uses pe
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterable, List, Sequence
 
 import torch
@@ -45,6 +46,8 @@ class LoRAConfigError(ValueError):
 
 
 def _lora_forward(module: nn.Module, args, output):
+    if not module.lora_enabled:
+        return None  # the base layer's output, unchanged
     x = args[0]
     state = module.lora_state
     h = module.lora_dropout(x)
@@ -122,6 +125,7 @@ def apply_lora(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS
         module.lora_fused = plan.fused
         module.lora_state = state if tp > 1 else None
         module.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        module.lora_enabled = True
         if tp > 1:
             from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
@@ -143,3 +147,25 @@ def lora_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
 
 def lora_state_dict(model: nn.Module) -> dict:
     return {n: p for n, p in model.state_dict().items() if n.endswith(LORA_SUFFIXES)}
+
+
+def lora_modules(model: nn.Module) -> List[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "lora_A")]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(lora_modules(model))
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """Run `model` as its base: every adapter's hook passes the base output through (LoRA-DPO's reference)."""
+    modules = lora_modules(model)
+    before = [m.lora_enabled for m in modules]
+    for m in modules:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m, on in zip(modules, before):
+            m.lora_enabled = on

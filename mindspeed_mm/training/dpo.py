@@ -11,6 +11,12 @@ The reference must be the weights the DPO run started from, for the whole run. W
 Every save records the reference's path, its tracker iteration and a fingerprint of its weights (per TP rank: the
 float64 sum and sum of squares of its tensors); a resumed run compares the reference it loaded with the record and
 stops with an error naming both when they differ.
+
+LoRA-DPO (--lora-target-modules): the reference is the actor's frozen base with the adapters off, so only one DiT is
+loaded. The base is what --load (or predictor.from_pretrained) names, on a fresh run and on a resumed one alike (a
+LoRA run resumes from --lora-load); its record and fingerprint are kept and checked as above. An adapter from LoRA
+pretraining is not a starting point for LoRA-DPO (the reference would not be the weights the run starts from): merge
+it into the base first (the converter's --lora-load) and use the merged checkpoint as --load.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import torch.distributed as dist
 
 from ..arguments import ArgumentError
 from ..checkpoint.megatron_layout import RELEASE, CheckpointError, is_megatron_checkpoint, read_tracker
-from .builders import (build_encoders, build_predictor, check_training_sections, encoder_dp_options, load_dit,
-                       print_rank0)
+from .builders import (LORA_RECORD, build_encoders, build_predictor, check_training_sections, encoder_dp_options,
+                       load_dit, print_rank0)
 from .checkpointing import read_record
 
 RECORD_NAME = "dpo_reference"
@@ -69,11 +75,13 @@ def resolve_reference_path(args) -> tuple:
 
 
 def fingerprint(module: torch.nn.Module) -> List[float]:
-    """[sum, sum of squares] of this rank's tensors, in float64."""
+    """[sum, sum of squares] of this rank's tensors (LoRA adapters excluded: the base's), in float64."""
+    from ..models.lora import LORA_SUFFIXES
+
     total = squares = 0.0
     with torch.no_grad():
-        for tensor in module.state_dict().values():
-            if tensor.is_floating_point():
+        for key, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not key.endswith(LORA_SUFFIXES):
                 flat = tensor.detach().reshape(-1)
                 # In chunks: a whole real-width tensor in float64 is 4x its bf16 size on top of two loaded DiTs.
                 for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
@@ -111,6 +119,44 @@ def check_reference(record: Optional[dict], current: dict, load: str) -> None:
             f"checkpoint, or start a new DPO run with --finetune.")
 
 
+def _reference_record(args, path: str, weights: torch.nn.Module, recorded: Optional[dict], load: str) -> dict:
+    from megatron.core import parallel_state as ps
+
+    record = {"path": os.path.abspath(path), "iteration": _tracker_iteration(path),
+              "tp_size": ps.get_tensor_model_parallel_world_size(),
+              "fingerprint": _gather_over_tp(fingerprint(weights))}
+    check_reference(recorded, record, load)
+    return record
+
+
+def build_lora_actor(args):
+    """LoRA-DPO: (the actor: the base from --load / predictor.from_pretrained with adapters, the reference record).
+    The reference is that base with the adapters off (DPOLossModel with reference=None)."""
+    base = args.load or args.mm.model.predictor.from_pretrained
+    if not base:
+        raise ArgumentError(f"LoRA-DPO needs the base DiT: set --load (LOAD_PATH) or predictor.from_pretrained in "
+                            f"{args.mm_model}.")
+    chosen = args.mm.model.dpo.reference_path
+    if chosen and os.path.realpath(chosen) != os.path.realpath(base):
+        raise ArgumentError(f"LoRA-DPO's reference is the base with the adapters off ({base}); dpo.reference_path "
+                            f"{chosen} in {args.mm_model} names other weights. Drop dpo.reference_path, or run full "
+                            f"DPO (without --lora-target-modules).")
+    recorded = None
+    if args.lora_load is not None:
+        recorded = read_record(args.lora_load, RECORD_NAME)
+        if recorded is None:
+            raise ArgumentError(
+                f"--lora-load {args.lora_load} is not a LoRA-DPO checkpoint (it has no {RECORD_NAME}.json): LoRA-DPO "
+                f"compares the actor with its base, so it cannot start from another run's adapter. Merge that "
+                f"adapter into the base (examples/stepvideo/convert_ckpt_to_mm.py --mode merge --lora-load "
+                f"{args.lora_load}) and pass the merged checkpoint as --load.")
+    actor = build_predictor(args)
+    print_rank0(f"DPO reference: {base}, the actor's base with the LoRA adapters off (one DiT in memory)")
+    record = _reference_record(args, base, actor, recorded, args.lora_load)
+    record["lora"] = True
+    return actor, record
+
+
 def build_reference(args):
     """(the frozen reference DiT, the record to save with every checkpoint)."""
     path, recorded, why = resolve_reference_path(args)
@@ -118,13 +164,7 @@ def build_reference(args):
     print_rank0(f"DPO reference: {path}" + (f" (iteration {iteration})" if iteration is not None else "")
                 + f", {why}")
     reference = load_dit(args, path, recompute=False)
-    from megatron.core import parallel_state as ps
-
-    record = {"path": os.path.abspath(path), "iteration": iteration,
-              "tp_size": ps.get_tensor_model_parallel_world_size(),
-              "fingerprint": _gather_over_tp(fingerprint(reference))}
-    check_reference(recorded, record, args.load)
-    return reference, record
+    return reference, _reference_record(args, path, reference, recorded, args.load)
 
 
 def build_actor(args, reference, record: dict):
@@ -151,13 +191,19 @@ def build_dpo_model(args):
         from ..dpo.histogram import load_histogram
 
         histogram = load_histogram(dpo.histogram_path)
-    reference, record = build_reference(args)
+    if args.lora_target_modules:
+        reference = None
+        actor, record = build_lora_actor(args)
+    else:
+        reference, record = build_reference(args)
+        actor = build_actor(args, reference, record)
     vae, encoder = build_encoders(args)
-    actor = build_actor(args, reference, record)
     model = DPOLossModel(actor, FlowMatchScheduler.from_config(model_cfg.diffusion), reference,
                          vae=vae, text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
                          loss_beta=dpo.loss_beta, beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
                          pref_ftx=args.pref_ftx, histogram=histogram, weight_alpha=dpo.weight_alpha,
                          weight_beta=dpo.weight_beta, **encoder_dp_options(args, vae, encoder))
     model.checkpoint_records[RECORD_NAME] = record
+    if getattr(actor, "lora_record", None):
+        model.checkpoint_records[LORA_RECORD] = actor.lora_record
     return model

@@ -29,18 +29,19 @@ def _shared_tmp() -> Path:
     return Path(box[0])
 
 
-def _reference(root: Path, i2v: bool, gbs: int = 2, extra=()):
+def _reference(root: Path, i2v: bool, gbs: int = 2, extra=(), dpo: bool = False):
     """Configs on every rank's shared folder, and the single-process result (trained by rank 0)."""
-    from tests.helpers.training_fixtures import train_argv, write_training_configs
+    from tests.helpers.training_fixtures import train_argv, write_dpo_configs, write_training_configs
 
     if dist.get_rank() == 0:
-        paths = write_training_configs(root / "w", i2v=i2v)
+        paths = write_dpo_configs(root, i2v=i2v) if dpo else write_training_configs(root / "w", i2v=i2v)
         # A clean single-process environment: torchrun's variables (TORCHELASTIC_USE_AGENT_STORE above all)
         # would make the child join this job's rendezvous store and wait there forever.
         launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
         env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
-        proc = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain_sora.py"),
+        script = "posttrain_sora_dpo.py" if dpo else "pretrain_sora.py"
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / script),
                                *train_argv(paths, root / "reference", iters=2, gbs=gbs, extra=list(extra))],
                               capture_output=True, text=True, env=env, timeout=600)
         (root / "reference.done").write_text(str(proc.returncode))
@@ -55,15 +56,16 @@ def _reference(root: Path, i2v: bool, gbs: int = 2, extra=()):
     return {"data": root / "w" / "data.json", "model": root / "w" / "model.json"}
 
 
-def _check_layout(tp: int, cp: int, i2v: bool, extra=(), gbs: int = 2, task=()):
+def _check_layout(tp: int, cp: int, i2v: bool, extra=(), gbs: int = 2, task=(), dpo: bool = False):
     from mindspeed_mm.checkpoint.megatron_source import read_megatron_full
     from mindspeed_mm.training import pretrain
+    from mindspeed_mm.training.spec import DPO, PRETRAIN
     from tests.helpers.training_fixtures import train_argv
 
     root = _shared_tmp()
-    paths = _reference(root, i2v, gbs, task)
+    paths = _reference(root, i2v, gbs, task, dpo=dpo)
     summary = pretrain(train_argv(paths, root / "parallel", iters=2, tp=tp, cp=cp, gbs=gbs,
-                                  extra=["--use-distributed-optimizer", *task, *extra]))
+                                  extra=["--use-distributed-optimizer", *task, *extra]), DPO if dpo else PRETRAIN)
     assert summary["iteration"] == 2
     dist.barrier()
     if dist.get_rank() == 0:
@@ -153,6 +155,16 @@ def case_tp2_sp_lora_training_matches_single_process():
     _check_layout(tp=2, cp=1, i2v=False, extra=["--sequence-parallel"],
                   task=["--lora-target-modules", "attn1.proj_qkv", "attn1.proj_out", "attn2.proj_kv", "ff.net.0.proj",
                         "ff.net.2", "--lora-r", "4", "--lora-alpha", "8"])
+
+
+@dist_case(world_size=2)
+def case_cp2_lora_dpo_i2v_with_recompute_matches_single_process():
+    # LoRA-DPO: one DiT, the reference its base with the adapters off, under Ulysses CP2 and full recompute (the
+    # recomputed actor blocks run after the reference pass, with the adapters on again).
+    _check_layout(tp=1, cp=2, i2v=True, dpo=True, extra=["--recompute-granularity", "full", "--recompute-method",
+                                                         "block", "--recompute-num-layers", "2"],
+                  task=["--dpo-beta", "0.1", "--lora-target-modules", "attn1.proj_qkv", "attn2.proj_q", "ff.net.2",
+                        "--lora-r", "4", "--lora-alpha", "8"])
 
 
 @dist_case(world_size=4)

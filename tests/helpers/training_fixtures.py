@@ -66,3 +66,29 @@ def train_argv(paths: dict, save: Path, iters: int, gbs: int = 2, mbs: int = 1, 
             "--mm-data", str(paths["data"]), "--mm-model", str(paths["model"]), "--log-interval", "1",
             "--save", str(save), "--save-interval", "2", "--ckpt-format", "torch", "--seed", "1234",
             "--distributed-backend", "nccl", *extra]
+
+
+def _pair_rows(root: Path) -> None:
+    """Rewrite root/data.jsonl as preference pairs of consecutive samples (winner, loser)."""
+    rows = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
+    pairs = [{"file": rows[i]["file"], "file_rejected": rows[i + 1]["file"], "captions": rows[i]["captions"],
+              "score": 0.8, "score_rejected": 0.3} for i in range(0, len(rows), 2)]
+    (root / "data.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+
+
+def histogram_json(path: Path) -> Path:
+    path.write_text(json.dumps({"0.2-0.30000000000000004": 1, "0.30000000000000004-0.4": 1, "total_num": 2,
+                                "max_num": 1, "min_bin": 2, "max_bin": 4, "bin_width": 0.1, "bin_size": 2}))
+    return path
+
+
+def write_dpo_configs(root: Path, weight_alpha: float = 0.0, i2v: bool = False) -> dict:
+    """A tiny official DiT, 4 feature pairs (i2v: each member with its own first-frame condition) and the DPO
+    model JSON (loss_beta 1)."""
+    paths = write_training_configs(root / "w", i2v=i2v, samples=8)
+    _pair_rows(root / "w" / "features_data")
+    model = json.loads(paths["model"].read_text())
+    model["dpo"] = {"histogram_path": str(histogram_json(root / "hist.json")), "weight_alpha": weight_alpha,
+                    "weight_beta": None, "loss_beta": 1.0}
+    paths["model"].write_text(json.dumps(model))
+    return paths
