@@ -26,7 +26,7 @@ setup(
         "einops",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        "dev": ["pytest>=8", "ruff>=0.5", "peft>=0.17"],
         "npu": ["torch_npu"],
         "eval": ["vbench"],
         "decord": ["decord>=0.6"],

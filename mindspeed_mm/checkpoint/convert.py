@@ -6,6 +6,10 @@
             than the source's); the log says "merged N shards into TP=k"
     export  Megatron layout -> official diffusers folder (sharded safetensors + index + config.json)
 
+merge and export take a LoRA adapter (`lora_load`, the --save folder of a LoRA run): it is merged into the base
+(W += B A alpha/r) before the re-split or the export. `export_adapter` writes the adapter alone, peft-style with the
+official names (`stepvideo_lora.py`).
+
 Key names and the [Q;K;V] / [K;V] layout inside Megatron checkpoints are MindSpeed-MM's, through the
 one adapter the DiT loader also uses (`models/predictor/stepvideo/state_dict_adapter.py`).
 
@@ -48,6 +52,7 @@ from .official_source import (
     official_headers,
 )
 from .safetensors_io import check_keys_and_shapes, open_safetensors
+from .stepvideo_lora import merge_adapter, read_adapter, write_peft_adapter
 
 
 def _distribute(key: str, tensor: torch.Tensor, layout: Layout, ranks: Dict) -> None:
@@ -113,17 +118,28 @@ def _check_full(full: Dict[str, torch.Tensor], num_layers: Optional[int], source
     return config
 
 
+def _read_base(source: Path, num_layers: Optional[int], lora_load, lora_alpha: Optional[float],
+               lora_r: Optional[int], log):
+    """The full base (our names), its config and read info, with the adapter `lora_load` merged when given."""
+    lora = read_adapter(lora_load, lora_alpha, lora_r, log) if lora_load else None  # small: fail before the base
+    full, info = read_megatron_full(source, log)
+    config = _check_full(full, num_layers, str(source))
+    if lora is not None:
+        merge_adapter(full, lora, log)
+    return full, info, config
+
+
 def merge(source_path, target_path, tp_size: int, pp_layers: Sequence[int], num_layers: int,
-          num_heads: Optional[int] = None, overwrite: bool = False, log=print_log) -> Path:
+          num_heads: Optional[int] = None, overwrite: bool = False, log=print_log, lora_load=None,
+          lora_alpha: Optional[float] = None, lora_r: Optional[int] = None) -> Path:
     """Megatron layout (any TP x PP, release or iter_*) -> Megatron layout (`release`) at TP x PP.
 
     As in MindSpeed-MM, "merge" means: join every shard into the full model, then split it again for the target
-    `tp_size` and `pp_layers`, so TP 1 gives one file and TP 2 two.
+    `tp_size` and `pp_layers`, so TP 1 gives one file and TP 2 two. With `lora_load` the adapter is merged in first.
     """
     source, target = Path(source_path), Path(target_path)
     AtomicDir(target, overwrite, source)  # refuse a bad target before reading anything
-    full, info = read_megatron_full(source, log)
-    config = _check_full(full, num_layers, str(source))
+    full, info, config = _read_base(source, num_layers, lora_load, lora_alpha, lora_r, log)
     heads = config["num_attention_heads"]
     if num_heads is not None and num_heads != heads:
         raise ConversionError(f"--num_heads {num_heads} does not match the checkpoint's {heads} heads.")
@@ -154,14 +170,15 @@ def _official_shards(state: Dict[str, torch.Tensor], max_bytes: int) -> Iterator
 
 
 def export(source_path, target_path, num_layers: Optional[int] = None, num_heads: Optional[int] = None,
-           overwrite: bool = False, shard_size_gb: float = 10.0, log=print_log) -> Path:
-    """Megatron layout -> official diffusers folder (config.json + sharded safetensors + index)."""
+           overwrite: bool = False, shard_size_gb: float = 10.0, log=print_log, lora_load=None,
+           lora_alpha: Optional[float] = None, lora_r: Optional[int] = None) -> Path:
+    """Megatron layout -> official diffusers folder (config.json + sharded safetensors + index), with the adapter
+    `lora_load` merged in when given."""
     from safetensors.torch import save_file
 
     source, target = Path(source_path), Path(target_path)
     AtomicDir(target, overwrite, source)
-    full, info = read_megatron_full(source, log)
-    config = _check_full(full, num_layers, str(source))
+    full, info, config = _read_base(source, num_layers, lora_load, lora_alpha, lora_r, log)
     if num_heads is not None and num_heads != config["num_attention_heads"]:
         raise ConversionError(f"--num_heads {num_heads} does not match the checkpoint's "
                               f"{config['num_attention_heads']} heads.")
@@ -185,3 +202,11 @@ def export(source_path, target_path, num_layers: Optional[int] = None, num_heads
     log(f"exported {info['iteration']} (TP {info['tp']} x PP {info['pp']}) to the official layout at {target} "
         f"({len(groups)} file(s))")
     return target
+
+
+def export_adapter(lora_load, target_path, num_heads: Optional[int] = None, overwrite: bool = False,
+                   lora_alpha: Optional[float] = None, lora_r: Optional[int] = None, log=print_log) -> Path:
+    """A LoRA run's adapter (any TP) -> adapter_model.safetensors + adapter_config.json (peft, official names)."""
+    AtomicDir(Path(target_path), overwrite, Path(lora_load))
+    lora = read_adapter(lora_load, lora_alpha, lora_r, log)
+    return write_peft_adapter(lora, target_path, num_heads=num_heads, overwrite=overwrite, log=log)

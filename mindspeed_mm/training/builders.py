@@ -8,6 +8,7 @@ is passed to their constructors here.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Optional, Tuple
 
@@ -74,8 +75,11 @@ def add_lora(args, dit, base: Optional[str]) -> None:
     print_rank0(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {len(targets)} layers "
                 f"({' '.join(args.lora_target_modules)}): {trainable:,} trainable parameters on this rank, the base "
                 f"frozen")
+    predictor = args.mm.model.predictor
     dit.lora_record = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                       "target_modules": list(args.lora_target_modules), "base": base}
+                       "target_modules": list(args.lora_target_modules),
+                       "base": os.path.abspath(base) if base else None,
+                       "num_heads": predictor.num_heads, "head_dim": predictor.head_dim}
     if args.lora_load is None:
         return
     state = dit.parallel
