@@ -318,7 +318,33 @@ def _validate_sequence_parallel(args: argparse.Namespace, tp: int, cp: int) -> N
                             "(Megatron's rule): add them, or drop --overlap-param-gather.")
 
 
+def _validate_inference_lora(args: argparse.Namespace) -> None:
+    lora = args.mm.model.lora if args.mm.model is not None else None
+    path = args.lora_load or (lora.path if lora is not None else None)
+    if args.lora_target_modules is not None:
+        add_notice("--lora-target-modules has no effect for inference: the layers come from the adapter's lora.json")
+    if path is None:
+        return
+    where = "--lora-load" if args.lora_load else f"lora.path in {args.mm_model}"
+    from .checkpoint.megatron_layout import CheckpointError
+    from .checkpoint.stepvideo_lora import read_lora_record
+
+    try:
+        record = read_lora_record(path) if os.path.isdir(path) else None
+    except CheckpointError as exc:
+        raise ArgumentError(f"{where} {path}: {exc}") from None
+    if record is None:
+        raise ArgumentError(f"{where} {path} is not the --save folder of a LoRA run (no latest_checkpointed_iteration"
+                            f".txt and lora.json there); point it at one, or merge the adapter with the converter.")
+
+
 def _validate_lora(args: argparse.Namespace) -> None:
+    if args.entry == "inference":
+        _validate_inference_lora(args)
+        return
+    if args.mm.model is not None and args.mm.model.lora is not None:
+        add_notice(f"{args.mm_model}: the 'lora' section has no effect for {args.entry} (an inference setting; "
+                   f"training takes the --lora-* flags)")
     if args.lora_target_modules is None:
         if args.lora_load is not None:
             raise ArgumentError("--lora-load needs --lora-target-modules (the adapter's layers).")

@@ -207,6 +207,17 @@ class DPOConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """extension: a LoRA adapter applied, unmerged, at inference (r, alpha and the layers come from its lora.json)."""
+    path: Optional[str] = None  # a LoRA run's --save folder; --lora-load overrides it
+    scale: float = 1.0  # multiplies alpha / r: 0 is the base, 1 the adapter as trained
+
+    def validate(self) -> None:
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale {self.scale} must be a finite number (1.0: the adapter as trained).")
+
+
+@dataclass
 class PatchConfig:
     # Run the VAE in float32 whatever `ae.dtype` says (MindSpeed-MM's patch): applied when the model JSON loads.
     ae_float32: bool = False
@@ -226,6 +237,7 @@ class MMModelConfig:
     tokenizer: Optional[List[TokenizerConfig]] = None
     ae: Optional[AEConfig] = None
     dpo: Optional[DPOConfig] = None
+    lora: Optional[LoRAConfig] = None
     patch: Optional[PatchConfig] = None
     pipeline_config: Optional[PipelineConfig] = None
     unload_text_encoder: bool = False

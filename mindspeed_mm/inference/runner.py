@@ -102,6 +102,13 @@ def dit_source(args) -> str:
         f"randomly initialised DiT.")
 
 
+def lora_source(args):
+    """(the LoRA adapter to apply: --lora-load, else the model JSON's lora.path, or None; its scale)."""
+    lora = args.mm.model.lora
+    path = getattr(args, "lora_load", None) or (lora.path if lora is not None else None)
+    return path, (lora.scale if lora is not None else 1.0)
+
+
 @dataclass
 class InferencePlan:
     prompts: List[str]                       # one per video (repeated N times consecutively)
@@ -180,6 +187,12 @@ def build_pipeline(args, device, group, text_encoder=None):
     logger.info("loading the DiT from %s", source)
     dit = StepVideoDiT.from_pretrained(source, model.predictor, device=device).eval()
     dit.requires_grad_(False)
+    adapter, scale = lora_source(args)
+    if adapter:
+        from ..models.lora import load_adapter
+
+        layers = load_adapter(dit, adapter, scale, log=logger.info)
+        logger.info("LoRA adapter %s applied (unmerged) to %d layers, scale %g", adapter, len(layers), scale)
     vae = StepVideoVAE.from_config(model.ae, device=device)
     scheduler = FlowMatchScheduler.from_config(model.diffusion)
     return StepVideoPipeline.from_config(model, dit, vae, text_encoder, scheduler, group=group)

@@ -85,9 +85,10 @@ def _replicated_grad_reduce(module: nn.Module, name: str, state) -> None:
 
 
 def apply_lora(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS, r: int = 16, alpha: float = 16.0,
-               dropout: float = 0.0, freeze_base: bool = True) -> List[str]:
+               dropout: float = 0.0, freeze_base: bool = True, initialize: bool = True) -> List[str]:
     """Add LoRA to every planned linear whose name ends with one of `target_modules` (see `ALL_TARGETS`); returns
-    the adapted modules' names. Apply it after `parallelize_stepvideo` (the adapter follows the layer it finds)."""
+    the adapted modules' names. Apply it after `parallelize_stepvideo` (the adapter follows the layer it finds).
+    `initialize=False` leaves A uninitialised (its values are about to be loaded)."""
     unknown = [t for t in target_modules if t not in ALL_TARGETS]
     if unknown:
         raise LoRAConfigError(f"--lora-target-modules {unknown} are not LoRA targets of the StepVideo DiT; choose "
@@ -111,7 +112,7 @@ def apply_lora(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS
         # A: Kaiming-uniform over the full input (as nn.Linear's), drawn whole on every rank, then sliced, so the
         # adapter is the same at any TP; B: zeros.
         a_full = torch.empty(r, in_full, **factory)
-        if not weight.is_meta:
+        if initialize and not weight.is_meta:
             nn.init.kaiming_uniform_(a_full, a=math.sqrt(5))
         if plan.style == "row" and tp > 1:
             a_local = a_full.chunk(tp, dim=1)[tp_rank].contiguous()
@@ -138,6 +139,35 @@ def apply_lora(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS
         adapted.append(name)
     if not adapted:
         raise LoRAConfigError(f"--lora-target-modules {list(target_modules)} matched no layer of the model.")
+    return adapted
+
+
+def load_adapter(model: nn.Module, path, scale: float = 1.0, log=print) -> List[str]:
+    """Apply the adapter of a LoRA run's --save folder (saved at any TP) to `model`, unmerged, its alpha / r times
+    `scale`; returns the adapted layers. r, alpha and the layers come from the folder's lora.json."""
+    from ..checkpoint.stepvideo_adapter import shard_tensor
+    from ..checkpoint.stepvideo_lora import read_adapter
+
+    lora = read_adapter(path, log=log)
+    if not lora.target_modules:
+        raise LoRAConfigError(f"{path} has no lora.json naming its layers: it was not written by a LoRA run.")
+    adapted = apply_lora(model, lora.target_modules, r=lora.r, alpha=lora.alpha, initialize=False)
+    own = {n: p for n, p in model.named_parameters() if n.endswith(LORA_SUFFIXES)}
+    if set(own) != set(lora.tensors):
+        missing, unexpected = sorted(set(own) - set(lora.tensors))[:3], sorted(set(lora.tensors) - set(own))[:3]
+        raise LoRAConfigError(f"{path} does not fit this DiT: missing {missing}, unexpected {unexpected} (is it the "
+                              f"adapter of a model with these layers?).")
+    state = getattr(model, "parallel", None)
+    tp_rank, tp = (state.tp_rank, state.tp) if state is not None and state.initialized else (0, 1)
+    with torch.no_grad():
+        for key, param in own.items():
+            part = shard_tensor(key, lora.tensors[key], tp_rank, tp)
+            if tuple(part.shape) != tuple(param.shape):
+                raise LoRAConfigError(f"{path}: {key} is {tuple(part.shape)} at TP {tp}, this DiT's "
+                                      f"{tuple(param.shape)}: the adapter belongs to another model.")
+            param.copy_(part)
+    for module in lora_modules(model):
+        module.lora_scale = lora.scale * scale
     return adapted
 
 
