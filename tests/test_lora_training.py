@@ -10,7 +10,9 @@ import torch
 
 from mindspeed_mm.arguments import ArgumentError, parse_args
 from mindspeed_mm.training import pretrain
-from tests.helpers.training_fixtures import train_argv, write_training_configs
+from mindspeed_mm.training.spec import PRETRAIN
+from tests.helpers.training_fixtures import (changed_base_parameters, frozen_base_spec, train_argv,
+                                             write_training_configs)
 
 LORA = ["--lora-target-modules", "attn1.proj_qkv", "attn1.proj_out", "attn2.proj_kv", "ff.net.2",
         "--lora-r", "4", "--lora-alpha", "8"]
@@ -28,7 +30,9 @@ def _payload(save, iteration):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     paths = write_training_configs(root / "w")
-    pretrain(train_argv(paths, root / "full", iters=4, extra=LORA))
+    spec, box = frozen_base_spec(PRETRAIN)
+    pretrain(train_argv(paths, root / "full", iters=4, extra=LORA), spec)
+    assert box["base"] and not changed_base_parameters(box)  # the base is bitwise untouched after 4 steps
     pretrain(train_argv(paths, root / "first", iters=2, extra=LORA))
     pretrain(train_argv(paths, root / "resumed", iters=4, extra=LORA + ["--lora-load", str(root / "first")]))
     return root, paths

@@ -60,13 +60,16 @@ def _check_layout(tp: int, cp: int, i2v: bool, extra=(), gbs: int = 2, task=(), 
     from mindspeed_mm.checkpoint.megatron_source import read_megatron_full
     from mindspeed_mm.training import pretrain
     from mindspeed_mm.training.spec import DPO, PRETRAIN
-    from tests.helpers.training_fixtures import train_argv
+    from tests.helpers.training_fixtures import changed_base_parameters, frozen_base_spec, train_argv
 
     root = _shared_tmp()
     paths = _reference(root, i2v, gbs, task, dpo=dpo)
+    spec, box = frozen_base_spec(DPO if dpo else PRETRAIN)
     summary = pretrain(train_argv(paths, root / "parallel", iters=2, tp=tp, cp=cp, gbs=gbs,
-                                  extra=["--use-distributed-optimizer", *task, *extra]), DPO if dpo else PRETRAIN)
+                                  extra=["--use-distributed-optimizer", *task, *extra]), spec)
     assert summary["iteration"] == 2
+    if "--lora-target-modules" in task:  # LoRA: the frozen base is bitwise what was loaded, on every rank
+        assert not changed_base_parameters(box), changed_base_parameters(box)[:5]
     dist.barrier()
     if dist.get_rank() == 0:
         want_log, got_log = _metrics(root / "reference"), _metrics(root / "parallel")

@@ -92,3 +92,25 @@ def write_dpo_configs(root: Path, weight_alpha: float = 0.0, i2v: bool = False) 
                     "weight_beta": None, "loss_beta": 1.0}
     paths["model"].write_text(json.dumps(model))
     return paths
+
+
+def frozen_base_spec(spec):
+    """`spec` whose build also snapshots the module's frozen (non-LoRA) parameters: (the spec, a box that then
+    holds "module" and "base"). After training, `base_untouched(box)` lists the parameters that changed."""
+    from mindspeed_mm.training.spec import TrainSpec
+
+    box = {}
+
+    def build(args):
+        module, loss_fn = spec.build(args)
+        box["module"] = module
+        box["base"] = {n: p.detach().clone() for n, p in module.named_parameters()
+                       if not n.endswith(("lora_A", "lora_B"))}
+        return module, loss_fn
+
+    return TrainSpec(spec.name, spec.entry, build), box
+
+
+def changed_base_parameters(box) -> list:
+    params = dict(box["module"].named_parameters())
+    return [n for n, before in box["base"].items() if not torch.equal(params[n].detach(), before)]

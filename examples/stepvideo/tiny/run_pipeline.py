@@ -13,6 +13,11 @@ Every stage runs the real command a user runs, in its own process, on files in t
  7. preference   histgram_generator.py: scores, histogram and pairs               (生成偏好数据集)
  8. dpo          posttrain_dpo.py on the pairs                                     (DPO训练)
  9. export       convert_ckpt_to_mm.py --mode export: the DPO-trained DiT back in the official format
+10. lora         pretrain_sora.py --lora-target-modules ...: a LoRA adapter on the pretrained DiT (LoRA微调)
+11. lora-merge   convert_ckpt_to_mm.py --mode merge --lora-load: the adapter merged into its base
+12. lora-peft    convert_ckpt_to_mm.py --mode export --lora-load --save-lora-to-hf: the adapter alone, peft-style
+13. lora-infer   inference_sora.py --lora-load: the adapter applied unmerged
+14. merged-infer inference_sora.py on the merged checkpoint: the same latents as 13 (checked here)
 
 The random weights make the videos noise; the point is that every stage runs and hands the next one its files.
 """
@@ -34,9 +39,10 @@ sys.path.insert(0, str(REPO))
 PROMPTS = ["A cat walks along a sunny windowsill.", "一只猫沿着阳光明媚的窗台走动。"]
 
 
-def _run(stage: str, args, log_dir: Path) -> None:
+def _run(stage: str, args, log_dir: Path, **env_extra) -> None:
     start = time.time()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               **env_extra)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True)
@@ -44,7 +50,7 @@ def _run(stage: str, args, log_dir: Path) -> None:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise SystemExit(f"stage '{stage}' failed (exit {proc.returncode}); log: {log_dir / (stage + '.log')}\n{tail}")
-    print(f"  {stage:<11s} ok ({time.time() - start:4.1f} s)", flush=True)
+    print(f"  {stage:<12s} ok ({time.time() - start:4.1f} s)", flush=True)
 
 
 def _json(path: Path, obj) -> Path:
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
         (data / "labels" / f"{i}.txt").write_text(PROMPTS[i % 2])
         rows.append({"file": f"videos/{i}.mp4", "captions": PROMPTS[i % 2]})
     (data / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print("  weights     ok\n  data        ok")
+    print("  weights      ok\n  data         ok")
 
     configs = work / "configs"
     preprocess = {"video_processor_type": "CogVideoXProcessor", "video_reader_type": "DecordVideo", "train_fps": 8,
@@ -152,10 +158,11 @@ def main(argv=None) -> int:
                    "unload_text_encoder": True, "frame_interval": 1, "save_path": str(samples), "fps": 8,
                    "prompt": str(configs / "prompts.txt"), "num_inference_videos_per_sample": 2,
                    "pipeline_class": "StepVideoPipeline", "dtype": "fp32"}
+    infer_flags = ["--tensor-model-parallel-size", 1, "--context-parallel-size", 1, "--micro-batch-size", 1,
+                   "--no-load-optim", "--no-load-rng", "--seed", 1234, "--distributed-backend", "nccl"]
+    latents = {"MINDSPEED_MM_SAVE_LATENTS": "1"}  # latents_{i}.pt beside the videos, for the LoRA check below
     _run("inference", ["inference_sora.py", "--mm-model", _json(configs / "inference_t2v_model.json", infer_model),
-                       "--tensor-model-parallel-size", 1, "--context-parallel-size", 1, "--micro-batch-size", 1,
-                       "--load", trained, "--no-load-optim", "--no-load-rng", "--seed", 1234,
-                       "--distributed-backend", "nccl"], logs)
+                       "--load", trained, *infer_flags], logs, **latents)
 
     # 7. preference data
     _run("preference", ["examples/stepvideo/histgram_generator.py", "--prompt_file", configs / "prompts.txt",
@@ -180,13 +187,53 @@ def main(argv=None) -> int:
     _run("export", ["examples/stepvideo/convert_ckpt_to_mm.py", "--source_path", dpo, "--target_path", exported,
                     "--num_layers", 2, "--mode", "export"], logs)
 
+    # 10-14. LoRA: an adapter on the pretrained DiT, merged, exported alone, and sampled unmerged and merged
+    lora = work / "lora"
+    lora_flags = _training_flags(4)
+    lora_flags[lora_flags.index("--lr") + 1] = lora_flags[lora_flags.index("--min-lr") + 1] = "1e-3"
+    _run("lora", ["pretrain_sora.py", *lora_flags, "--load", trained, "--save", lora,
+                  "--lora-target-modules", "attn1.proj_qkv", "attn1.proj_out", "attn2.proj_q", "attn2.proj_kv",
+                  "attn2.proj_out", "--lora-r", 4, "--lora-alpha", 8,
+                  "--mm-data", configs / "data_static_resolution.json",
+                  "--mm-model", configs / "pretrain_t2v_model.json"], logs)
+    merged = work / "lora_merged"
+    _run("lora-merge", ["examples/stepvideo/convert_ckpt_to_mm.py", "--source_path", trained, "--lora-load", lora,
+                        "--target_path", merged, "--tp_size", 1, "--num_layers", 2, "--mode", "merge"], logs)
+    peft = work / "lora_peft"
+    _run("lora-peft", ["examples/stepvideo/convert_ckpt_to_mm.py", "--lora-load", lora, "--target_path", peft,
+                       "--mode", "export", "--save-lora-to-hf"], logs)
+    lora_samples, merged_samples = work / "lora_samples", work / "lora_merged_samples"
+    for stage, out, load, extra in (("lora-infer", lora_samples, trained, ["--lora-load", lora]),
+                                    ("merged-infer", merged_samples, merged, [])):
+        cfg = dict(infer_model, save_path=str(out))
+        _run(stage, ["inference_sora.py", "--mm-model", _json(configs / f"{stage}_model.json", cfg),
+                     "--load", load, *infer_flags, *extra], logs, **latents)
+    moved, gap = _lora_check(samples, lora_samples, merged_samples)
+    print(f"  LoRA: the adapter moves the final latents by {moved:.3g} (max |diff| vs no adapter); merged and "
+          f"unmerged differ by {gap:.2g}")
+
     print(f"done in {time.time() - start:.0f} s:\n"
           f"  videos      {samples} (video_0..3.mp4, video_grid.mp4)\n"
           f"  pairs       {work / 'data.jsonl'}, {work / 'video_score_histogram.json'}\n"
-          f"  checkpoints {trained}, {dpo}\n"
-          f"  exported    {exported} (official diffusers layout)\n"
+          f"  checkpoints {trained}, {dpo}, {lora} (LoRA adapter), {merged} (merged)\n"
+          f"  exported    {exported} (official diffusers layout), {peft} (the adapter, peft-style)\n"
           f"  logs        {logs}")
     return 0
+
+
+def _lora_check(base: Path, unmerged: Path, merged: Path):
+    """(how far the adapter moved the latents, how far merged is from unmerged); stops when the adapter changed
+    nothing or merging changed the result beyond fp32 rounding."""
+    import torch
+
+    moved = gap = 0.0
+    for i in range(4):
+        b, u, m = (torch.load(folder / f"latents_{i}.pt").float() for folder in (base, unmerged, merged))
+        moved = max(moved, (u - b).abs().max().item())
+        gap = max(gap, (m - u).abs().max().item() / max(1.0, u.abs().max().item()))
+    if moved == 0.0 or gap > 1e-4:
+        raise SystemExit(f"LoRA check failed: the adapter moved the latents by {moved}, merged vs unmerged {gap}")
+    return moved, gap
 
 
 if __name__ == "__main__":
