@@ -9,11 +9,18 @@ tokens). Prints tokens/s, peak memory (CUDA/NPU allocator peak on accelerators, 
 RSS on CPU) and, on CUDA, MFU: model matmul FLOPs (3x forward for a training step, recompute
 not counted) over the card's dense bf16 peak (--peak-tflops; default by card name).
 Runs in a single process (TP = CP = 1) with random weights.
+
+--json PATH also writes the figures (seconds, tokens/s, TFLOP/s, MFU, peak and base memory in bytes) to a file;
+`run(parse_args([...]))` returns them to a caller (benchmarks/device_check.py). --drop-grads frees each weight
+gradient once it is complete, as Megatron's DDP does after adding it into its float32 buffer: the peak over the
+memory held before the step is then the activations' alone, the figure the memory planner predicts.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import resource
 import statistics
 import sys
@@ -62,6 +69,39 @@ def _reset_peak(device):
         torch.cuda.reset_peak_memory_stats()
     elif device.type == "npu":
         torch.npu.reset_peak_memory_stats()
+    else:
+        _reset_resident_high_water_mark()
+
+
+def _reset_resident_high_water_mark():
+    """Linux: writing 5 to clear_refs resets VmHWM to the current resident set, so that the next reading is the
+    peak of what runs after it (elsewhere the reading stays the process's lifetime peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _status_bytes(field: str):
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _memory_bytes(device):
+    """(memory held now, peak since the last _reset_peak) in bytes: the allocator's on CUDA/NPU, the resident set's
+    on CPU (None where /proc is missing)."""
+    if device.type in ("cuda", "npu"):
+        module = getattr(torch, device.type)
+        module.synchronize()
+        return module.memory_allocated(), module.max_memory_allocated()
+    return _status_bytes("VmRSS"), _status_bytes("VmHWM")
 
 
 def _peak_memory(device) -> str:
@@ -108,11 +148,21 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of one card (default by name)")
+    p.add_argument("--drop-grads", action="store_true",
+                   help="free each weight gradient once complete (as Megatron DDP): the peak is the activations'")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this file")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run(args) -> dict:
+    """Build the model, time the modes, print the figures (as the command line does) and return them."""
     if args.device == "auto":
         from mindspeed_mm.runtime import current_device
 
@@ -133,6 +183,9 @@ def main(argv=None):
     model = StepVideoDiT.build(cfg, device=device)
     if args.recompute != "none":
         model.configure_recompute("full", args.recompute, 1 if args.recompute == "block" else args.layers)
+    if args.drop_grads:
+        for param in model.parameters():
+            param.register_post_accumulate_grad_hook(lambda done: setattr(done, "grad", None))
     b, dtype = args.batch, model.dtype
     latents = torch.randn(b, frames, cfg.in_channels, height, width, device=device, dtype=dtype)
     inputs = dict(
@@ -145,7 +198,8 @@ def main(argv=None):
         inputs["image_latents"] = torch.zeros_like(latents)
     tokens = frames * height * width
     params = sum(p.numel() for p in model.parameters())
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}), "
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"device {device} ({device_name}), "
           f"dtype {args.dtype}, {args.layers} layers x {args.heads} heads x {args.head_dim}, {params / 1e9:.3f} B "
           f"params, latents {b}x{frames}x{height}x{width} = {b * tokens} tokens, text {args.clip_len + args.llm_len}, "
           f"recompute {args.recompute}")
@@ -153,35 +207,56 @@ def main(argv=None):
     flops = forward_flops(cfg, b, tokens, args.clip_len + args.llm_len, args.llm_len)
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
-    def report(label, seconds, step_flops):
+    from mindspeed_mm.models.common.attention import resolve_backend
+
+    result = {
+        "device": str(device), "device_name": device_name, "torch": torch.__version__, "dtype": args.dtype,
+        "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim, "batch": b, "frames": frames,
+        "height": height, "width": width,
+        "tokens": b * tokens, "text_tokens": args.clip_len + args.llm_len, "params": params,
+        "recompute": args.recompute, "drop_grads": args.drop_grads,
+        "attention_backend": resolve_backend(args.attention_backend, device), "forward_flops": flops,
+        "peak_tflops": peak if device.type == "cuda" else None,
+    }
+
+    def measure(label, key, fn, step_flops):
+        gc.collect()
+        _reset_peak(device)
+        base, _ = _memory_bytes(device)
+        seconds = _time(fn, device, args.warmup, args.steps)
+        _, peak_bytes = _memory_bytes(device)
+        mfu = step_flops / seconds / (peak * 1e12) if device.type == "cuda" and peak else None
         line = f"{label}: {seconds * 1e3:.1f} ms, {b * tokens / seconds:,.0f} tokens/s, " \
                f"{step_flops / seconds / 1e12:.2f} TFLOP/s"
-        if device.type == "cuda" and peak:
-            line += f", MFU {100 * step_flops / seconds / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s bf16 peak"
+        if mfu is not None:
+            line += f", MFU {100 * mfu:.1f}% of {peak:.0f} TFLOP/s bf16 peak"
         print(line + f", peak memory {_peak_memory(device)}")
+        result[key] = {"seconds": seconds, "tokens_per_s": b * tokens / seconds,
+                       "tflops": step_flops / seconds / 1e12, "mfu": mfu, "flops": step_flops,
+                       "base_bytes": base, "peak_bytes": peak_bytes,
+                       "growth_bytes": None if base is None or peak_bytes is None else max(peak_bytes - base, 0),
+                       "memory": "allocator" if device.type in ("cuda", "npu") else "resident set"}
 
     if args.mode in ("both", "forward"):
         model.eval()
-        _reset_peak(device)
 
         def forward():
             with torch.no_grad():
                 model(**inputs)
 
-        report("forward", _time(forward, device, args.warmup, args.steps), flops)
+        measure("forward", "forward", forward, flops)
     if args.mode in ("both", "train"):
         model.train()
-        _reset_peak(device)
         upstream = torch.randn_like(latents, dtype=dtype)
 
         def train_step():
             model.zero_grad(set_to_none=True)
             (model(**inputs).float() * upstream.float()).mean().backward()
 
-        report("forward+backward", _time(train_step, device, args.warmup, args.steps), 3 * flops)
+        measure("forward+backward", "train", train_step, 3 * flops)
+    return result
 
 
 if __name__ == "__main__":

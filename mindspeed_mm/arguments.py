@@ -108,6 +108,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--use-torch-compile", action="store_true",
+                   help="torch.compile each DiT block (training and inference); opt-in, see docs/performance.md")
 
     g = p.add_argument_group("LoRA", "on when --lora-target-modules is given (MindSpeed's flags)")
     g.add_argument("--lora-target-modules", nargs="+", default=None,

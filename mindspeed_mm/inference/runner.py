@@ -187,6 +187,8 @@ def build_pipeline(args, device, group, text_encoder=None):
     logger.info("loading the DiT from %s", source)
     dit = StepVideoDiT.from_pretrained(source, model.predictor, device=device).eval()
     dit.requires_grad_(False)
+    if getattr(args, "use_torch_compile", False):
+        dit.compile_blocks()
     adapter, scale = lora_source(args)
     if adapter:
         from ..models.lora import load_adapter

@@ -43,6 +43,8 @@ def load_dit(args, source: Optional[str], recompute: bool = True, copy_of=None):
         dit = StepVideoDiT.build(cfg)
     if recompute:
         dit.configure_recompute(args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+    if getattr(args, "use_torch_compile", False):
+        dit.compile_blocks()
     return dit
 
 

@@ -18,6 +18,7 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional
 
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "sdpa", "flash", "npu")
 
 
+@functools.lru_cache(maxsize=None)
 def _flash_attn_func():
+    """flash-attn's function, looked up once per process (an import attempt per attention call costs)."""
     try:
         return importlib.import_module("flash_attn").flash_attn_func
     except Exception:

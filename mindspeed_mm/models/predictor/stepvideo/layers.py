@@ -7,6 +7,12 @@ identities in a plain model). The math below does not change: heads per rank fol
 
 Tensors are "bsnd" inside attention: (batch, sequence, heads, head_dim). Parameter names
 follow MindSpeed-MM (see state_dict_adapter.py for the official names).
+
+The fused elementwise path (each module's `fused`, on by default; `StepVideoDiT.fused_elementwise` sets them all):
+RoPE as one concatenation and one multiply-add over the whole head (instead of split / negate / concatenate and
+two multiplies per axis), RMSNorm through `F.rms_norm` on the float32 copy, and the modulation and gated residuals as
+`addcmul` (one pass instead of two). Same math; in bf16 `addcmul` rounds once where the op-by-op chain rounds twice.
+`fused = False` is the official op-by-op order (tests compare the two).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, elementwise_affine: bool, device=None, dtype=None):
         super().__init__()
         self.eps = eps
+        self.fused = True
         self._tp_group = None
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
@@ -48,7 +55,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        if self.fused:
+            out = F.rms_norm(xf, (xf.shape[-1],), eps=self.eps).type_as(x)
+        else:
+            out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
         if self.weight is None:
             return out
         weight = self.weight
@@ -85,8 +95,38 @@ def rope_cos_sin(token_start: int, count: int, frames: int, height: int, width: 
     return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
 
 
+_SIGN_CACHE = {}
+
+
+def rope_sign(channel_split: Sequence[int], device) -> torch.Tensor:
+    """(d,) signs such that `rotate_halves(x) * sign` is each axis's half-split rotation [-x2, x1]."""
+    key = (tuple(channel_split), str(device))
+    if key not in _SIGN_CACHE:
+        sign = []
+        for dim in channel_split:
+            sign += [-1.0] * (dim // 2) + [1.0] * (dim // 2)
+        _SIGN_CACHE[key] = torch.tensor(sign, device=device)
+    return _SIGN_CACHE[key]
+
+
+def rotate_halves(x: torch.Tensor, channel_split: Sequence[int]) -> torch.Tensor:
+    """[x2, x1] for every axis's channels, in one concatenation of views (a gather on the last dim is several times
+    slower on CPU)."""
+    parts, start = [], 0
+    for dim in channel_split:
+        half = dim // 2
+        parts += [x[..., start + half:start + dim], x[..., start:start + half]]
+        start += dim
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope_fused(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, channel_split: Sequence[int]):
+    """`apply_rope` as one concatenation and one multiply-add; signed_sin = sin * `rope_sign`."""
+    return torch.addcmul(x * cos[None, :, None, :], rotate_halves(x, channel_split), signed_sin[None, :, None, :])
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, channel_split: Sequence[int]) -> torch.Tensor:
-    """Rotate x (b, s, n, d) with per-axis half-split rotation; cos/sin are (s, d)."""
+    """Rotate x (b, s, n, d) with per-axis half-split rotation; cos/sin are (s, d). The official op order."""
     out = []
     split = list(channel_split)
     for xc, c, s in zip(x.split(split, dim=-1), cos.split(split, dim=-1), sin.split(split, dim=-1)):
@@ -198,6 +238,7 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps, norm_affine, device, dtype)
         self.proj_out = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
         self._core = core  # the plan may wrap it with Ulysses / ring attention over the CP group
+        self.fused = True
 
     def forward(self, x, cos, sin, key_mask=None):
         """x: this rank's tokens (b, s_local, D); key_mask (b, s_cp) marks the real tokens of this CP rank's
@@ -208,8 +249,13 @@ class SelfAttention(nn.Module):
         q = self.q_norm(q.reshape(b, s, -1, self.head_dim))  # this rank's heads: all of them, or 1/TP
         k = self.k_norm(k.reshape(b, s, -1, self.head_dim))
         v = v.reshape(b, s, -1, self.head_dim)
-        q = apply_rope(q, cos, sin, self.channel_split)
-        k = apply_rope(k, cos, sin, self.channel_split)
+        if self.fused:
+            signed_sin = sin * rope_sign(self.channel_split, q.device).to(sin.dtype)  # (s, d): once for q and k
+            q = apply_rope_fused(q, cos, signed_sin, self.channel_split)
+            k = apply_rope_fused(k, cos, signed_sin, self.channel_split)
+        else:
+            q = apply_rope(q, cos, sin, self.channel_split)
+            k = apply_rope(k, cos, sin, self.channel_split)
         out = self._core(q, k, v, key_mask)
         return linear(self.proj_out, out.reshape(b, s, -1))
 
@@ -288,17 +334,24 @@ class StepVideoTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout, device, dtype)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim, device=device, dtype=dtype) / dim ** 0.5)
         self._state = ParallelState()  # the plan's: sequence parallel reads it
+        self.fused = True
 
     def forward(self, x, text, modulation, key_mask, cos, sin, token_mask=None):
         """key_mask: the text keys' mask; token_mask: the real tokens of the CP chunk (None without padding)."""
         state = self._state
         mod = tp_shared(self.scale_shift_table[None] + modulation.reshape(-1, 6, self.dim), state)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        h = layer_norm(self.norm1, x, state) * (1 + scale_msa) + shift_msa
-        x = gate_msa * self.attn1(h, cos, sin, token_mask) + x
+        if not self.fused:  # the official op order
+            h = layer_norm(self.norm1, x, state) * (1 + scale_msa) + shift_msa
+            x = gate_msa * self.attn1(h, cos, sin, token_mask) + x
+            x = self.attn2(x, text, key_mask) + x
+            h = layer_norm(self.norm2, x, state) * (1 + scale_mlp) + shift_mlp
+            return gate_mlp * self.ff(h) + x
+        h = torch.addcmul(shift_msa, layer_norm(self.norm1, x, state), 1 + scale_msa)
+        x = torch.addcmul(x, gate_msa, self.attn1(h, cos, sin, token_mask))
         x = self.attn2(x, text, key_mask) + x
-        h = layer_norm(self.norm2, x, state) * (1 + scale_mlp) + shift_mlp
-        return gate_mlp * self.ff(h) + x
+        h = torch.addcmul(shift_mlp, layer_norm(self.norm2, x, state), 1 + scale_mlp)
+        return torch.addcmul(x, gate_mlp, self.ff(h))
 
 
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor, state: ParallelState) -> torch.Tensor:

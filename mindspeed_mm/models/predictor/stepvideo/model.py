@@ -206,6 +206,24 @@ class StepVideoDiT(MegatronModule):
             num_layers = total
         self.recompute_granularity, self.recompute_method, self.recompute_num_layers = granularity, method, num_layers
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile every transformer block in place (`nn.Module.compile`: the module, its parameters and
+        their keys stay as they are). The blocks share one code object, so one compiled graph serves them all;
+        the first step pays the compilation."""
+        for block in self.transformer_blocks:
+            block.compile(**options)
+
+    @property
+    def fused_elementwise(self) -> bool:
+        """The fused elementwise path of the blocks (layers.py's docstring); False: the official op order."""
+        return all(m.fused for m in self.modules() if hasattr(m, "fused"))
+
+    @fused_elementwise.setter
+    def fused_elementwise(self, value: bool) -> None:
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = bool(value)
+
     # --- forward ----------------------------------------------------------------------------
 
     def text_states(self, llm_states: torch.Tensor, clip_states: torch.Tensor) -> torch.Tensor:
@@ -328,6 +346,8 @@ class StepVideoDiT(MegatronModule):
                              "uses only its valid length, as the official code does.")
         kv_len = lengths + clip_len
         max_kv = int(kv_len.max())
+        if bool((kv_len == max_kv).all()):
+            return text[:, :max_kv], None  # every key valid: no mask keeps attention on its fastest kernel
         key_mask = torch.arange(max_kv, device=text.device)[None, :] < kv_len.to(text.device)[:, None]
         return text[:, :max_kv], key_mask
 
