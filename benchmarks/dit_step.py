@@ -144,6 +144,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, npu")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "flash", "npu"])
     p.add_argument("--recompute", choices=["none", "block", "uniform"], default="none")
+    p.add_argument("--recompute-layers", type=int, default=None,
+                   help="--recompute-num-layers (default: 1 for block, all layers for uniform)")
     p.add_argument("--mode", choices=["both", "forward", "train"], default="both")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
@@ -182,7 +184,8 @@ def run(args) -> dict:
     torch.manual_seed(0)
     model = StepVideoDiT.build(cfg, device=device)
     if args.recompute != "none":
-        model.configure_recompute("full", args.recompute, 1 if args.recompute == "block" else args.layers)
+        recompute_layers = args.recompute_layers or (1 if args.recompute == "block" else args.layers)
+        model.configure_recompute("full", args.recompute, recompute_layers)
     if args.drop_grads:
         for param in model.parameters():
             param.register_post_accumulate_grad_hook(lambda done: setattr(done, "grad", None))
@@ -216,7 +219,8 @@ def run(args) -> dict:
         "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim, "batch": b, "frames": frames,
         "height": height, "width": width,
         "tokens": b * tokens, "text_tokens": args.clip_len + args.llm_len, "params": params,
-        "recompute": args.recompute, "drop_grads": args.drop_grads,
+        "recompute": args.recompute, "recompute_layers": model.recompute_num_layers or 0,
+        "drop_grads": args.drop_grads,
         "attention_backend": resolve_backend(args.attention_backend, device), "forward_flops": flops,
         "peak_tflops": peak if device.type == "cuda" else None,
     }

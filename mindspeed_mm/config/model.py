@@ -178,8 +178,13 @@ class PipelineConfig:
     negative_magic: Optional[str] = None
     # The guide's inference JSONs: video i starts from seed + i. An explicit --seed wins (arguments.py).
     seed: Optional[int] = None
+    # extension: skip the DiT blocks after the first at steps whose first block changed less than this (relative
+    # L1) since the last full step; 0 (the default) never skips and is exact. See docs/inference.md.
+    first_block_cache_threshold: float = 0.0
 
     def validate(self) -> None:
+        if not self.first_block_cache_threshold >= 0:
+            raise ValueError(f"first_block_cache_threshold {self.first_block_cache_threshold} must be >= 0 (0: off).")
         if len(self.input_size) != 3:
             raise ValueError(f"input_size {self.input_size} must be [frames, height, width].")
         if self.seed is not None and self.seed < 0:

@@ -65,7 +65,7 @@ class StepVideoPipeline:
                  input_size: Sequence[int] = (204, 544, 992), guidance_scale: float = 9.0,
                  num_inference_steps: Optional[int] = None, shift: Optional[float] = None,
                  motion_score: float = DEFAULT_MOTION_SCORE, positive_magic: Optional[str] = None,
-                 negative_magic: Optional[str] = None, group=None):
+                 negative_magic: Optional[str] = None, group=None, first_block_cache_threshold: float = 0.0):
         self.positive_magic, self.negative_magic = magic_strings(model_type, positive_magic, negative_magic)
         if scheduler is None:
             scheduler = FlowMatchScheduler(shift=13.0 if shift is None else shift)
@@ -79,6 +79,8 @@ class StepVideoPipeline:
         self.shift = shift
         self.motion_score = float(motion_score)
         self.group = group
+        self.first_block_cache_threshold = float(first_block_cache_threshold)
+        self.last_cache_stats = None  # (full steps, reused steps) of the last denoise with the step cache
         self.processor = StepVideoI2VProcessor()
         self._check_models()
         self.num_frames, self.height, self.width = self._check_size(input_size)
@@ -96,7 +98,8 @@ class StepVideoPipeline:
                    num_inference_steps=diffusion.num_inference_timesteps if diffusion is not None else None,
                    shift=diffusion.shift if diffusion is not None else None, motion_score=pc.motion_score,
                    positive_magic=getattr(pc, "positive_magic", None),
-                   negative_magic=getattr(pc, "negative_magic", None), group=group)
+                   negative_magic=getattr(pc, "negative_magic", None), group=group,
+                   first_block_cache_threshold=pc.first_block_cache_threshold)
 
     # ---- checks ---------------------------------------------------------------------------------
 
@@ -199,6 +202,30 @@ class StepVideoPipeline:
         # Ranks of one TP x CP group must feed the DiT identical inputs.
         broadcast_from_first([latents, *prompt, *mask], self.group)
         timesteps = self.timesteps()
+        cache = self._install_step_cache()
+        try:
+            latents = self._sample(latents, timesteps, prompt, mask, extra, copies)
+        finally:
+            self.dit.step_cache = None
+        if cache is not None:
+            self.last_cache_stats = (cache.computed, cache.reused)
+            logger.info("first-block cache (threshold %g): %d of %d steps reused the other blocks' residual",
+                        cache.threshold, cache.reused, cache.reused + cache.computed)
+        broadcast_from_first([latents], self.group)
+        return latents
+
+    def _install_step_cache(self):
+        if self.first_block_cache_threshold <= 0:
+            return None
+        from ..models.predictor.stepvideo.step_cache import FirstBlockCache
+
+        state = self.dit.parallel
+        groups = [state.tp_group, state.cp_group] if state.initialized else []
+        self.dit.step_cache = FirstBlockCache(self.first_block_cache_threshold, groups)
+        return self.dit.step_cache
+
+    def _sample(self, latents, timesteps, prompt, mask, extra, copies: int) -> torch.Tensor:
+        guided = copies == 2
         start = time.time()
         from tqdm import tqdm
 
@@ -214,7 +241,6 @@ class StepVideoPipeline:
             latents = self.scheduler.step(velocity, i, latents)
             if (i + 1) % 10 == 0 or i + 1 == len(timesteps):
                 logger.info("sampling step %d/%d (%.1f s)", i + 1, len(timesteps), time.time() - start)
-        broadcast_from_first([latents], self.group)
         return latents
 
     @torch.no_grad()

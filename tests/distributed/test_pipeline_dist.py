@@ -81,7 +81,12 @@ def _local_reference(model_path: Path, prompts, seeds, images=None):
     dit = StepVideoDiT.from_pretrained(cfg.predictor.from_pretrained, cfg.predictor).eval()
     encoder = StepVideoTextEncoder.from_configs(cfg.text_encoder, cfg.tokenizer)
     pipe = StepVideoPipeline.from_config(cfg, dit, StepVideoVAE.from_config(cfg.ae), encoder, None)
-    return pipe(prompts, seeds=seeds, images=images, output="latent")
+    latents = pipe(prompts, seeds=seeds, images=images, output="latent")
+    _last_cache_stats[:] = [pipe.last_cache_stats]
+    return latents
+
+
+_last_cache_stats = [None]
 
 
 def _assert_same_latents(got: dict, reference: torch.Tensor, what: str) -> None:
@@ -170,6 +175,35 @@ def case_inference_i2v_cp2_matches_one_process():
     sp = run_inference(parse_args(inference_argv(root / "i2v.json", tp=2, seed=9), entry="inference"),
                        keep_videos=True)
     _assert_same_latents(sp.latents, reference, "i2v TP=2 + sequence parallel")
+    dist.barrier()
+
+
+@dist_case(world_size=2)
+def case_inference_step_cache_ring_cp2_matches_one_process():
+    """The first-block cache decides on the change summed over the CP group: every rank skips the same steps (a
+    rank skipping alone would leave the other waiting in attention), and the latents are one process's."""
+    from mindspeed_mm.arguments import parse_args
+    from mindspeed_mm.inference import run_inference
+    from mindspeed_mm.parallel.options import SequenceParallelOptions
+    from mindspeed_mm.runtime import initialize_model_parallel
+    from tests.helpers.inference_fixtures import inference_argv, model_json, write_lines
+
+    root = _shared_tmp()
+    sections = _inference_download(root)
+    path = root / "cache.json"
+    if dist.get_rank() == 0:
+        write_lines(root / "prompts.txt", ["a cat walks along a windowsill"])
+        model_json(sections, "t2v", root, prompt=root / "prompts.txt", steps=8, name="cache.json")
+        cfg = json.loads(path.read_text())
+        cfg["pipeline_config"]["first_block_cache_threshold"] = 0.3
+        path.write_text(json.dumps(cfg))
+    dist.barrier()
+    initialize_model_parallel(1, 2, options=SequenceParallelOptions("megatron_cp_algo"))
+    ring = run_inference(parse_args(inference_argv(path, cp=2, seed=3), entry="inference"), keep_videos=True)
+    reference = _local_reference(path, ["a cat walks along a windowsill"], seeds=[3])
+    _assert_same_latents(ring.latents, reference, "step cache, ring CP=2")
+    full, reused = _last_cache_stats[0]
+    assert full >= 2 and reused >= 1, (full, reused)  # both decisions were taken (the same way on both ranks)
     dist.barrier()
 
 

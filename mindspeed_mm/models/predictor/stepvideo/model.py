@@ -80,6 +80,7 @@ class StepVideoDiT(MegatronModule):
         self.recompute_granularity: Optional[str] = None
         self.recompute_method: Optional[str] = None
         self.recompute_num_layers: Optional[int] = None
+        self.step_cache = None  # sampling's FirstBlockCache (step_cache.py), installed by the pipeline
 
         device = torch.device(device) if device is not None else current_device()
         dim = config.hidden_size
@@ -354,6 +355,8 @@ class StepVideoDiT(MegatronModule):
     def _run_blocks(self, x, *args):
         """args: text, modulation, key_mask, cos, sin, token_mask (StepVideoTransformerBlock.forward)."""
         blocks = self.transformer_blocks
+        if self.step_cache is not None and not torch.is_grad_enabled():
+            return self.step_cache.run(blocks, x, *args)
         if self.recompute_granularity != "full" or not torch.is_grad_enabled():
             for block in blocks:
                 x = block(x, *args)
