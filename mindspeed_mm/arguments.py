@@ -58,6 +58,9 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                    help="hybrid_cp_algo: the Ulysses group size; it divides --context-parallel-size")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split the tokens over the TP group outside the tensor-parallel matmuls (Megatron's)")
+    g.add_argument("--use-cfg-parallel", action="store_true",
+                   help="inference: the conditional and unconditional halves of classifier-free guidance on two "
+                        "halves of the data-parallel ranks (xDiT's CFG parallel); needs an even DP size")
     g.add_argument("--distributed-backend", default="nccl", choices=["nccl", "hccl", "gloo"])
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--local-rank", "--local_rank", type=int, default=None,
@@ -320,6 +323,22 @@ def _validate_sequence_parallel(args: argparse.Namespace, tp: int, cp: int) -> N
                             "(Megatron's rule): add them, or drop --overlap-param-gather.")
 
 
+def _validate_cfg_parallel(args: argparse.Namespace, dp: int) -> None:
+    if not args.use_cfg_parallel:
+        return
+    if args.entry != "inference":
+        add_notice(f"--use-cfg-parallel has no effect for {args.entry} (an inference setting)")
+        return
+    if dp % 2:
+        raise ArgumentError(f"--use-cfg-parallel puts the conditional and unconditional halves on two halves of the "
+                            f"data-parallel ranks, but the data-parallel size is {dp} (world / (TP x CP)); launch "
+                            f"twice the ranks of one model copy, or drop the flag.")
+    pipeline = args.mm.model.pipeline_config if args.mm.model is not None else None
+    if pipeline is not None and pipeline.guidance_scale <= 1.0:
+        add_notice(f"--use-cfg-parallel has no effect with guidance_scale {pipeline.guidance_scale} (no "
+                   f"unconditional half); the two halves of the ranks then make the same videos")
+
+
 def _validate_inference_lora(args: argparse.Namespace) -> None:
     lora = args.mm.model.lora if args.mm.model is not None else None
     path = args.lora_load or (lora.path if lora is not None else None)
@@ -376,6 +395,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         layout = validate_parallel_layout(world, tp, cp, pp)
     except ParallelConfigError as exc:
         raise ArgumentError(str(exc)) from None
+    _validate_cfg_parallel(args, world // (tp * cp * pp))
     vpp = args.virtual_pipeline_model_parallel_size
     if vpp not in (None, 1):
         raise ArgumentError(

@@ -1,5 +1,6 @@
 """The first-block step cache of sampling: exact when it never skips, skips when told to, and every rank of a
-context-parallel group takes the same decision (tests/distributed/test_pipeline_dist.py)."""
+context-parallel group takes the same decision (tests/distributed/test_pipeline_dist.py, which also checks CFG
+parallel; its flag is checked here)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def setup(tmp_path_factory, one_thread):
     vae = StepVideoVAE.from_config(cfg.ae)
     encoder = StepVideoTextEncoder.from_configs(cfg.text_encoder, cfg.tokenizer)
     pipe = StepVideoPipeline(dit, vae, encoder, None, input_size=(17, 32, 32), num_inference_steps=8)
+    pipe.sections = sections
     return pipe, pipe.encode_prompts(PROMPTS)
 
 
@@ -74,3 +76,13 @@ def test_threshold_is_read_from_the_inference_json_and_checked(setup):
         PipelineConfig(first_block_cache_threshold=-1.0).validate()
     with pytest.raises(ValueError, match="must be >= 0"):
         FirstBlockCache(float("nan"))
+
+
+def test_cfg_parallel_needs_an_even_data_parallel_size(setup, tmp_path):
+    from mindspeed_mm.arguments import ArgumentError, parse_args
+    from tests.helpers.inference_fixtures import inference_argv, model_json, write_lines
+
+    pipe, _ = setup
+    model = model_json(pipe.sections, "t2v", tmp_path, prompt=write_lines(tmp_path / "p.txt", ["a cat"]))
+    with pytest.raises(ArgumentError, match="the data-parallel size is 1"):
+        parse_args(inference_argv(model) + ["--use-cfg-parallel"], entry="inference")

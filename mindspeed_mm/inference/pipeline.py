@@ -26,6 +26,9 @@ Per call (official Step-Video-T2V/TI2V `video_pipeline.py`, reference §5, §6, 
 Parallelism: `group` names the ranks that work together on the same videos (the TP x CP group). Their DiT
 inputs and final latents are broadcast from the group's first rank, so they agree bit for bit, and the VAE
 decode is split over the group (every rank returns the whole video). With `group=None` everything is local.
+`cfg_group` (CFG parallel, xDiT's idea): two ranks at the same TP x CP position of two model copies; rank 0 of it
+runs the DiT on the conditional half, rank 1 on the unconditional half, and the two velocities are exchanged
+(all-gather) before guidance, so both hold the same latents after every step, at half the DiT work per rank.
 
 The text conditions (magic strings, `TextConditions`, `encode_conditions`) are in `conditions.py`, the group
 broadcast in `group.py`; this file holds `StepVideoPipeline` and the per-video generator.
@@ -65,7 +68,8 @@ class StepVideoPipeline:
                  input_size: Sequence[int] = (204, 544, 992), guidance_scale: float = 9.0,
                  num_inference_steps: Optional[int] = None, shift: Optional[float] = None,
                  motion_score: float = DEFAULT_MOTION_SCORE, positive_magic: Optional[str] = None,
-                 negative_magic: Optional[str] = None, group=None, first_block_cache_threshold: float = 0.0):
+                 negative_magic: Optional[str] = None, group=None, first_block_cache_threshold: float = 0.0,
+                 cfg_group=None):
         self.positive_magic, self.negative_magic = magic_strings(model_type, positive_magic, negative_magic)
         if scheduler is None:
             scheduler = FlowMatchScheduler(shift=13.0 if shift is None else shift)
@@ -80,6 +84,7 @@ class StepVideoPipeline:
         self.motion_score = float(motion_score)
         self.group = group
         self.first_block_cache_threshold = float(first_block_cache_threshold)
+        self.cfg_group = cfg_group
         self.last_cache_stats = None  # (full steps, reused steps) of the last denoise with the step cache
         self.processor = StepVideoI2VProcessor()
         self._check_models()
@@ -226,6 +231,8 @@ class StepVideoPipeline:
 
     def _sample(self, latents, timesteps, prompt, mask, extra, copies: int) -> torch.Tensor:
         guided = copies == 2
+        if guided and self.cfg_group is not None:
+            return self._sample_cfg_parallel(latents, timesteps, prompt, mask, extra)
         start = time.time()
         from tqdm import tqdm
 
@@ -241,6 +248,25 @@ class StepVideoPipeline:
             latents = self.scheduler.step(velocity, i, latents)
             if (i + 1) % 10 == 0 or i + 1 == len(timesteps):
                 logger.info("sampling step %d/%d (%.1f s)", i + 1, len(timesteps), time.time() - start)
+        return latents
+
+    def _sample_cfg_parallel(self, latents, timesteps, prompt, mask, extra) -> torch.Tensor:
+        """`_sample` with the conditional half on cfg rank 0 and the unconditional half on cfg rank 1."""
+        half = dist.get_rank(self.cfg_group)  # 0: conditional, 1: unconditional (the batched order)
+        prompt = [p.chunk(2)[half].contiguous() for p in prompt]
+        mask = [m.chunk(2)[half].contiguous() for m in mask]
+        extra = {k: (v.chunk(2)[half].contiguous() if k == "image_latents" else v) for k, v in extra.items()}
+        start = time.time()
+        for i, t in enumerate(timesteps):
+            model_input = latents.to(self.dit.dtype)
+            timestep = t.expand(model_input.shape[0]).to(model_input.dtype)
+            mine = self.dit(model_input, timestep, prompt, mask, **extra).contiguous()
+            both = [torch.empty_like(mine) for _ in range(2)]
+            dist.all_gather(both, mine, group=self.cfg_group)
+            velocity = self.scheduler.guidance(both[0], both[1], self.guidance_scale)
+            latents = self.scheduler.step(velocity, i, latents)
+            if (i + 1) % 10 == 0 or i + 1 == len(timesteps):
+                logger.info("sampling step %d/%d (%.1f s, CFG parallel)", i + 1, len(timesteps), time.time() - start)
         return latents
 
     @torch.no_grad()

@@ -175,6 +175,28 @@ class InferenceResult:
     latents: Dict[int, torch.Tensor] = field(default_factory=dict)  # float32 (f, c, h, w), with keep_videos
 
 
+def cfg_parallel_group(args):
+    """(this rank's half, the CFG-parallel group) with --use-cfg-parallel, else (0, None). The data-parallel ranks
+    split in two halves: DP rank d (< DP/2) runs the conditional half of the same videos as DP rank d + DP/2. Every
+    rank creates every pair's group, in the same order, as torch.distributed requires."""
+    if not getattr(args, "use_cfg_parallel", False):
+        return 0, None
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    mine = dist.get_process_group_ranks(ps.get_data_parallel_group())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    own = None
+    for ranks in sorted({tuple(r) for r in everyone}):
+        half = len(ranks) // 2
+        for d in range(half):
+            pair = dist.new_group([ranks[d], ranks[d + half]])
+            if dist.get_rank() in (ranks[d], ranks[d + half]):
+                own = pair
+    return (0 if mine.index(dist.get_rank()) < len(mine) // 2 else 1), own
+
+
 def build_pipeline(args, device, group, text_encoder=None):
     """The DiT (from --load / predictor.from_pretrained), the VAE and the scheduler of the model JSON."""
     from ..models.ae import StepVideoVAE
@@ -242,7 +264,10 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
     tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
     model_parallel = ps.get_tensor_and_context_parallel_world_size()
     group = ps.get_tensor_and_context_parallel_group() if model_parallel > 1 else None
-    saver = tp_rank == 0 and cp_rank == 0
+    cfg_rank, cfg_group = cfg_parallel_group(args)
+    if cfg_group is not None:  # the two halves of the DP ranks make the same videos
+        dp_rank, dp_size = dp_rank % (dp_size // 2), dp_size // 2
+    saver = tp_rank == 0 and cp_rank == 0 and cfg_rank == 0
     device = current_device()
     mine = plan.share(dp_rank, dp_size)
     result = InferenceResult(indices=mine)
@@ -252,6 +277,7 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
     if mine:  # a DP group without videos (more groups than videos) loads nothing
         encoder, text, rows = encode_plan_prompts(args, plan, mine, device)
         pipe = build_pipeline(args, device, group, encoder)
+        pipe.cfg_group = cfg_group
         row_of = dict(zip(mine, rows))
     if saver:
         os.makedirs(plan.save_path, exist_ok=True)
@@ -260,7 +286,8 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
         latents = pipe.generate(text=text.select([row_of[i] for i in batch]), seeds=[args.seed + i for i in batch],
                                 images=None if plan.images is None else [plan.images[i] for i in batch],
                                 output="latent")
-        videos = pipe.decode(latents)
+        # CFG parallel: the unconditional half holds the same latents; only the conditional half decodes them
+        videos = pipe.decode(latents) if cfg_rank == 0 else None
         if saver:
             result.saved += save_videos(videos, batch, plan.save_path, plan.fps)
             if save_latents:
@@ -269,7 +296,8 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
                     torch.save(z.detach().to("cpu", torch.float32).clone(), path)
                     result.saved.append(path)
         if keep_videos:
-            result.videos.update({i: v for i, v in zip(batch, videos)})
+            if videos is not None:
+                result.videos.update({i: v for i, v in zip(batch, videos)})
             result.latents.update({i: z.cpu() for i, z in zip(batch, latents)})
         logger.info("videos %s done in %.1f s", batch, time.time() - start)
     dist.barrier()

@@ -207,4 +207,31 @@ def case_inference_step_cache_ring_cp2_matches_one_process():
     dist.barrier()
 
 
+@dist_case(world_size=2)
+def case_inference_cfg_parallel_matches_one_process():
+    """--use-cfg-parallel on DP 2: rank 0 runs the conditional half, rank 1 the unconditional half of the same two
+    videos; the latents are one process's, and only rank 0 decodes and saves."""
+    from mindspeed_mm.arguments import parse_args
+    from mindspeed_mm.inference import run_inference
+    from mindspeed_mm.runtime import initialize_model_parallel
+    from tests.helpers.inference_fixtures import inference_argv, model_json, write_lines
+
+    root = _shared_tmp()
+    sections = _inference_download(root)
+    prompts = ["a cat walks along a windowsill", "一只猫"]
+    if dist.get_rank() == 0:
+        write_lines(root / "prompts.txt", prompts)
+        model_json(sections, "t2v", root, prompt=root / "prompts.txt", save_path=root / "cfg", steps=3,
+                   name="cfg.json")
+    dist.barrier()
+    initialize_model_parallel(1, 1)
+    out = run_inference(parse_args(inference_argv(root / "cfg.json", mbs=2, seed=11) + ["--use-cfg-parallel"],
+                                   entry="inference"), keep_videos=True)
+    assert out.indices == [0, 1]
+    assert (out.saved != []) == (dist.get_rank() == 0) and (out.videos != {}) == (dist.get_rank() == 0)
+    reference = _local_reference(root / "cfg.json", prompts, seeds=[11, 12])
+    _assert_same_latents(out.latents, reference, "CFG parallel")
+    dist.barrier()
+
+
 test_distributed = pytest_cases(globals())
