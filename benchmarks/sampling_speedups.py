@@ -10,6 +10,10 @@ block, the DiT block passes saved, the wall-time speed-up of the sampling loop o
 `--repeats` runs), and the error of the final latents, mean |cached - uncached| / mean |uncached|. On the tiny
 model the wall time is mostly per-step overhead, so the block passes saved are the figure that carries over to the
 30B model, where the blocks are nearly all of a step.
+
+`--cfg-parallel` also times CFG parallel: the same sampling on 2 gloo ranks (torchrun, one thread each), rank 0 the
+conditional and rank 1 the unconditional half, against one process with one thread; prints the speed-up and the
+largest latent difference.
 """
 
 from __future__ import annotations
@@ -57,6 +61,40 @@ def _sample(pipe, text, n: int, threshold: float, repeats: int):
     return latents, statistics.median(times), pipe.last_cache_stats
 
 
+def _cfg_parallel_child(args) -> None:
+    """On each of 2 ranks: the sampling loop with the CFG-parallel group; rank 0 prints the time and latents."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    group = dist.new_group([0, 1])
+    pipe, text, n = _pipeline(Path(args.workdir), args.steps)
+    pipe.cfg_group = group
+    latents, seconds, _ = _sample(pipe, text, n, 0.0, args.repeats)
+    if dist.get_rank() == 0:
+        torch.save({"latents": latents, "seconds": seconds}, args.cfg_parallel_child)
+    dist.destroy_process_group()
+
+
+def _cfg_parallel(args, base, base_s) -> dict:
+    import os
+    import subprocess
+    import tempfile
+
+    out = Path(tempfile.mkdtemp()) / "cfg.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINDSPEED_MM_DEVICE="cpu", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           "--workdir", args.workdir, "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--cfg-parallel-child", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"the CFG-parallel run failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    got = torch.load(out)
+    diff = (got["latents"] - base).abs().max().item()
+    print(f"CFG parallel (2 ranks, 1 thread each) vs one process (1 thread): {base_s / got['seconds']:.2f}x, "
+          f"max |latent difference| {diff:.2e}")
+    return {"speedup": base_s / got["seconds"], "max_latent_difference": diff}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="outputs/tiny_run")
@@ -64,8 +102,13 @@ def main(argv=None) -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.4])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cfg-parallel", action="store_true", help="also time CFG parallel on 2 gloo ranks")
+    p.add_argument("--cfg-parallel-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cfg_parallel_child:
+        _cfg_parallel_child(args)
+        return
     pipe, text, n = _pipeline(Path(args.workdir), args.steps)
     layers = len(pipe.dit.transformer_blocks)
     base, base_s, _ = _sample(pipe, text, n, 0.0, args.repeats)
@@ -81,7 +124,8 @@ def main(argv=None) -> None:
                      "speedup": base_s / seconds, "latent_error": error})
         print(f"{threshold:9.3g} | {full:4d}/{args.steps:<5d} | {saved:18.1%} | {base_s / seconds:7.2f}x | "
               f"{error:.2e}")
-    print(json.dumps({"steps": args.steps, "layers": layers, "rows": rows}))
+    cfg = _cfg_parallel(args, base, base_s) if args.cfg_parallel else None
+    print(json.dumps({"steps": args.steps, "layers": layers, "rows": rows, "cfg_parallel": cfg}))
 
 
 if __name__ == "__main__":
