@@ -63,6 +63,18 @@ def test_parallel_layout_validation():
 def test_cpu_adaptor_redirects_cuda_requests_and_restores():
     from megatron.core.tensor_parallel import random as mcore_random
 
+    # In-process training and inference tests earlier in the session install the adaptor for the whole process
+    # (as a CPU job does); this test needs a process without it, and leaves the process as it found it.
+    was_installed = cpu_adaptor.is_installed()
+    cpu_adaptor.uninstall()
+    try:
+        _check_adaptor_install_and_uninstall(mcore_random)
+    finally:
+        if was_installed:
+            cpu_adaptor.install()
+
+
+def _check_adaptor_install_and_uninstall(mcore_random):
     original_get = mcore_random._get_cuda_rng_state
     with pytest.raises((RuntimeError, AssertionError)):
         torch.cuda.current_device()
