@@ -8,9 +8,11 @@ It writes DIR/device_check.json (the card, torch and CUDA versions, and each ste
 details) and DIR/device_check.md (one row per figure, naming the card), rewritten after every step so that a run cut
 short keeps what it measured, and prints the table at the end. DIR is --out, else $OUT, else device_check_out/.
 
-The steps, in this order. Each runs in its own process (a CUDA context and allocator statistics of its own; an
-out-of-memory error or a crash ends that step only), is killed when past its time limit, and when it fails is
-recorded with its error while the check goes on. The exit status is 1 when any step failed.
+The steps, in this order. They run in worker processes: pytest in one of its own, the measurements together in
+another (each process start costs seconds of imports and a CUDA context). A step is killed with its process when past
+its time limit; a step that fails (an error, a crash, the limit) is recorded with its error and its process ends, and
+the steps after it run in a fresh process (a CUDA error can leave a context unusable). The exit status is 1 when any
+step failed.
 
   tests        a pytest subset with MINDSPEED_MM_DEVICE=cuda (the runtime's device switch): tests that build their
                models on the runtime's device (the DiT goldens, the DiT model tests) then run there; pass/fail counts
@@ -114,9 +116,10 @@ DRY_PROFILE = Profile(
     device_type="cpu", heads=4, head_dim=16, latent_sizes=((3, 8, 12), (6, 8, 12)),
     caption_channels=(64, 32), llm_len=16, clip_len=8, warmup=0, timed_steps=1,
     # The golden case's reduced VAE widths (the real ones take 10 s to draw on a 2-core CPU), fp32 as on the CPU.
-    vae_args=("--dtype", "fp32", "--sizes", "17x48x48", "--tile", "32", "--overlap", "16", "--widths", "test"),
+    # Two overlapping 32-px windows across a 32 x 48 frame: the tiled path blends.
+    vae_args=("--dtype", "fp32", "--sizes", "17x32x48", "--tile", "32", "--overlap", "16", "--widths", "test"),
     tests=("tests/test_dit_golden.py", "tests/test_dit_benchmark.py::test_flop_count_at_real_width"),
-    estimate_s={"tests": 10, "golden": 5, "dit_train": 8, "sampling": 5, "vae": 10, "memory_plan": 1},
+    estimate_s={"tests": 6, "golden": 5, "dit_train": 4, "sampling": 3, "vae": 8, "memory_plan": 1},
     limit_s={"tests": 60, "golden": 60, "dit_train": 60, "sampling": 60, "vae": 60, "memory_plan": 10},
 )
 
@@ -318,10 +321,15 @@ def step_golden(profile: Profile, record: StepRecord, deadline: float) -> None:
                     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults
                 else:
                     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-                model = StepVideoDiT.from_pretrained(folder, dtype=dtype, channel_split=split,
-                                                     attention_backend=backend, device=device).eval()
-                with torch.no_grad():
-                    got = model(**inputs).float().cpu()
+                try:
+                    model = StepVideoDiT.from_pretrained(folder, dtype=dtype, channel_split=split,
+                                                         attention_backend=backend, device=device).eval()
+                    with torch.no_grad():
+                        got = model(**inputs).float().cpu()
+                except Exception as exc:  # e.g. a flash-attn build that imports but does not run: the others go on
+                    record.error(item, _exception_text(exc), traceback.format_exc())
+                    continue
+                del model
                 outputs[label] = got
                 diff = (got - want).abs()
                 max_error, mean_error = diff.max().item(), diff.mean().item()
@@ -340,11 +348,10 @@ def step_golden(profile: Profile, record: StepRecord, deadline: float) -> None:
                 # is the setting the report makes visible, not an error of the model.
                 if not within and tf32 is not None:
                     record.error(item, f"max |error| {max_error:.3g}, mean {mean_error:.3g}: {verdict} {bound}")
-                del model
-            if flash_reason is None:
+            if "bf16 flash" in outputs and "bf16 sdpa" in outputs:
                 flash_vs_sdpa = (outputs["bf16 flash"] - outputs["bf16 sdpa"]).abs().max().item()
                 record.figure(f"{case} bf16", "max |flash - sdpa|", flash_vs_sdpa, "")
-            else:
+            elif flash_reason is not None:
                 record.figure(f"{case} bf16 flash", "max |error| vs golden", None, "", f"unavailable: {flash_reason}")
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults
 
@@ -358,8 +365,8 @@ def _dit_step_argv(profile: Profile, size: Tuple[int, int, int], layers: int) ->
             "--warmup", str(profile.warmup), "--steps", str(profile.timed_steps)]
 
 
-def _memory_note(result: dict, what: str) -> str:
-    if result["memory"] == "allocator":
+def _memory_note(mode: dict, what: str) -> str:
+    if mode["memory"] == "allocator":
         return f"allocator peak: {what}"
     return "process resident set (CPU): not an allocator figure"
 
@@ -402,7 +409,7 @@ def step_dit_train(profile: Profile, record: StepRecord, deadline: float) -> Non
                       "counted")
         _mfu_figure(record, item, result, train)
         record.figure(item, "peak memory", train["peak_bytes"] / GIB, "GiB",
-                      _memory_note(result, "parameters, inputs and activations"))
+                      _memory_note(train, "parameters, inputs and activations"))
         record.figure(item, "activations", train["growth_bytes"] / GIB, "GiB",
                       "peak over the memory held before the step; weight gradients freed as completed")
         del result
@@ -444,7 +451,7 @@ def step_sampling(profile: Profile, record: StepRecord, deadline: float) -> None
         record.figure(item, "throughput", forward["tokens_per_s"], "tokens/s", "both CFG samples counted")
         _mfu_figure(record, item, result, forward)
         record.figure(item, "peak memory", forward["peak_bytes"] / GIB, "GiB",
-                      _memory_note(result, f"{profile.layers} blocks' parameters, inputs and the forward"))
+                      _memory_note(forward, f"{profile.layers} blocks' parameters, inputs and the forward"))
         record.figure(item, "forward working memory", forward["growth_bytes"] / GIB, "GiB",
                       "peak over the memory held before the forward")
         del result
@@ -477,17 +484,58 @@ WORKER_STEPS = {"tests": step_tests, "golden": step_golden, "dit_train": step_di
                 "vae": step_vae}
 
 
-def worker_main(step: str, result_path: Path, deadline: float, profile: Profile, fail_step: Optional[str]) -> int:
-    record = StepRecord(path=result_path)
-    record.save()
-    try:
-        if fail_step == step:
-            raise DeliberateFailure(f"step {step} failed on purpose (--fail-step {step})")
-        WORKER_STEPS[step](profile, record, deadline)
-    except Exception as exc:
-        record.error(step, _exception_text(exc), traceback.format_exc())
-    record.save()
-    return 1 if record.errors else 0
+def _exit_with_the_driver() -> None:
+    """End this worker when its driver is gone (killed outright, it cannot kill its worker): an orphaned step must
+    not keep the GPU busy."""
+    driver = os.getppid()
+
+    def watch():
+        while os.getppid() == driver:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+RESTART_EXIT_CODE = 3  # a worker that ends after a failed step: the driver starts a fresh one for the rest
+
+
+def worker_main(steps: List[str], results: Path, budget_end: float, profile: Profile, fail_step: Optional[str],
+                stall_step: Optional[str]) -> int:
+    """Run `steps` in order in this process, each saving its record to results/<step>.json as it goes and announcing
+    itself in results/running.json (step and deadline) for the driver, which kills this process at the deadline."""
+    _exit_with_the_driver()
+    for step in steps:
+        record = StepRecord(path=results / f"{step}.json")
+        left = budget_end - time.time()
+        if left < profile.estimate_s[step]:
+            record.status, record.reason = "skipped", (f"budget: {max(left, 0):.0f} s left, the step takes about "
+                                                      f"{profile.estimate_s[step]:.0f} s")
+            record.save()
+            continue
+        started = time.time()
+        deadline = min(started + profile.limit_s[step], budget_end)
+        _write_atomically(results / "running.json",
+                          json.dumps({"step": step, "deadline": deadline, "started": started}))
+        print(f"--- {step} (limit {deadline - started:.0f} s) ---", flush=True)
+        record.status = "running"
+        record.save()
+        try:
+            if fail_step == step:
+                raise DeliberateFailure(f"step {step} failed on purpose (--fail-step {step})")
+            if stall_step == step:
+                time.sleep(24 * 3600)  # until the driver kills this process at the step's deadline
+            WORKER_STEPS[step](profile, record, deadline)
+        except Exception as exc:
+            record.error(step, _exception_text(exc), traceback.format_exc())
+        record.status = "failed" if record.errors else "ok"
+        record.seconds = time.time() - started
+        record.save()
+        if record.errors:
+            # A CUDA error other than out-of-memory leaves this process's context unusable: the remaining steps
+            # get a fresh process.
+            return RESTART_EXIT_CODE
+    return 0
 
 
 # --- memory planner comparison (arithmetic, in the driver) ----------------------------------
@@ -527,7 +575,7 @@ def step_memory_plan(profile: Profile, records: Dict[str, StepRecord], record: S
                         latent_width=result["width"], llm_tokens=profile.llm_len, clip_tokens=profile.clip_len)
 
     # The planner counts a 2-block model directly (DiTShape.num_layers); TP = CP = DP = 1 as dit_step runs.
-    for item, result in records["dit_train"].details.items():
+    for item, result in records.get("dit_train", StepRecord()).details.items():
         train = result["train"]
         recompute = Recompute(result["recompute"], result["recompute_layers"]) if result["recompute"] != "none" \
             else Recompute()
@@ -535,7 +583,7 @@ def step_memory_plan(profile: Profile, records: Dict[str, StepRecord], record: S
         compare(f"DiT activations: {item}", train["growth_bytes"], plan.activations.peak,
                 "peak over parameters and inputs, weight gradients freed",
                 train["memory"] == "allocator", "activation peak (plan_memory(...).activations.peak)")
-    for item, result in records["sampling"].details.items():
+    for item, result in records.get("sampling", StepRecord()).details.items():
         forward = result["forward"]
         shape, work = dit_shape(result), workload(result)
         # The planner models training; its nearest term for a forward without autograd is the DPO reference's
@@ -544,7 +592,7 @@ def step_memory_plan(profile: Profile, records: Dict[str, StepRecord], record: S
         predicted = forward_working_bytes(shape, work, 1, 1, 2) + shared
         compare(f"DiT forward: {item}", forward["growth_bytes"], predicted, "peak over parameters and inputs",
                 forward["memory"] == "allocator", "one block's forward without autograd + the blocks' shared tensors")
-    vae = records["vae"].details.get("vae")
+    vae = records.get("vae", StepRecord()).details.get("vae")
     if vae:
         element_bytes = 2 if "bfloat16" in vae["dtype"] or "float16" in vae["dtype"] else 4
         for row in vae["rows"]:
@@ -592,67 +640,124 @@ def _commit() -> Optional[str]:
     return done.stdout.strip() or None
 
 
-def run_worker(step: str, profile: Profile, dry: bool, deadline: float, fail_step: Optional[str],
-               scratch: Path) -> StepRecord:
-    """Run one step in its own process; kill it (and whatever it started) when past the deadline."""
-    result_path = scratch / f"{step}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", step, "--result", str(result_path),
-               "--deadline", repr(deadline)]
-    if dry:
-        command.append("--dry")
-    if fail_step:
-        command += ["--fail-step", fail_step]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if dry:
-        env["MINDSPEED_MM_DEVICE"] = "cpu"
-    started = time.time()
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, errors="replace", start_new_session=True)
-    tail = collections.deque(maxlen=60)
+def run_workers(steps: List[str], profile: Profile, dry: bool, budget_end: float, fail_step: Optional[str],
+                stall_step: Optional[str], scratch: Path, on_record) -> Dict[str, StepRecord]:
+    """Run the worker steps in as few processes as failures allow: pytest alone (its fixtures and imports stay out
+    of the measurements), then the others in one process (each process start costs seconds of imports, and a CUDA
+    context). A step past its deadline is killed with its process; a step that fails or dies ends its process. The
+    steps after it run in a fresh one. `on_record(step, record)` is called as each step ends."""
+    records: Dict[str, StepRecord] = {}
+    pending = list(steps)
+    while pending:
+        batch = pending[:1] if pending[0] == "tests" else [s for s in pending if s != "tests"]
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(batch), "--results",
+                   str(scratch), "--budget-end", repr(budget_end)]
+        command += ["--dry"] * dry + ["--fail-step", fail_step] * bool(fail_step)
+        command += ["--stall-step", stall_step] * bool(stall_step)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if dry:
+            env["MINDSPEED_MM_DEVICE"] = "cpu"
+        for name in [*batch, "running"]:
+            (scratch / f"{name}.json").unlink(missing_ok=True)
+        # A process group of its own, so that a kill takes the worker's children too (pytest's, torch's); in this
+        # session, not a new one, so that whatever ends the driver's session ends the workers as well.
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, errors="replace", **group)
+        tail = collections.deque(maxlen=60)
 
-    def echo():
-        for line in process.stdout:
-            print(f"[{step}] {line}", end="", flush=True)
-            tail.append(line)
+        def echo(stream=process.stdout, lines=tail):
+            for line in stream:
+                print(line, end="", flush=True)
+                lines.append(line)
 
-    reader = threading.Thread(target=echo, daemon=True)
-    reader.start()
-    timed_out = False
+        reader = threading.Thread(target=echo, daemon=True)
+        reader.start()
+        killed = None
+        try:
+            while process.poll() is None:
+                running = _read_json(scratch / "running.json")
+                if running and time.time() > running["deadline"]:
+                    killed = running["step"]
+                    break
+                _collect(batch, scratch, records, on_record)
+                time.sleep(0.2)
+        finally:  # the deadline, or the driver interrupted: no worker outlives it holding the GPU
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        reader.join(timeout=5)
+        _collect(batch, scratch, records, on_record)
+        for step in batch:
+            if step in records:
+                continue
+            record = StepRecord.from_json(_read_json(scratch / f"{step}.json") or {"status": "pending"})
+            if record.status == "pending":
+                continue  # not reached: the next process runs it
+            if step == killed:
+                message = "killed at its time limit; what it measured before is kept"
+            else:
+                message = f"its process ended with exit code {process.returncode} during the step"
+            record.errors.append({"item": step, "error": message, "traceback": ""})
+            record.status = "failed"
+            record.output_tail = "".join(tail)[-4000:]
+            running = _read_json(scratch / "running.json") or {}
+            record.seconds = time.time() - running.get("started", time.time())
+            records[step] = record
+            on_record(step, record)
+        for step in batch:
+            if step in records and records[step].status == "failed" and not records[step].output_tail:
+                records[step].output_tail = "".join(tail)[-4000:]
+        left = [s for s in pending if s not in records]
+        if left == pending:  # the process ended before reaching any step: do not start it again and again
+            for step in left:
+                records[step] = StepRecord(status="failed", errors=[{
+                    "item": step, "error": f"the worker process ended with exit code {process.returncode} before "
+                    "the step started", "traceback": ""}], output_tail="".join(tail)[-4000:])
+                on_record(step, records[step])
+            left = []
+        pending = left
+    return records
+
+
+def _read_json(path: Path) -> Optional[dict]:
     try:
-        exit_code = process.wait(timeout=max(deadline - time.time(), 1.0))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(process.pid, signal.SIGKILL)  # its own session: pytest's and torch's children go too
-        exit_code = process.wait()
-    reader.join(timeout=5)
-    record = StepRecord.from_json(json.loads(result_path.read_text())) if result_path.is_file() else StepRecord()
-    record.seconds = time.time() - started
-    if timed_out:
-        record.errors.append({"item": step, "error": f"killed at its time limit after {record.seconds:.0f} s; "
-                              "what it measured before is kept", "traceback": ""})
-    elif exit_code != 0 and not record.errors:
-        record.errors.append({"item": step, "error": f"the step's process exited with {exit_code}",
-                              "traceback": ""})
-    if record.errors:
-        record.status = "failed"
-        record.output_tail = "".join(tail)[-4000:]
-    return record
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _collect(batch: List[str], scratch: Path, records: Dict[str, StepRecord], on_record) -> None:
+    """Take over the records of the steps that have ended."""
+    for step in batch:
+        if step in records:
+            continue
+        data = _read_json(scratch / f"{step}.json")
+        if data and data.get("status") in ("ok", "failed", "skipped"):
+            records[step] = StepRecord.from_json(data)
+            on_record(step, records[step])
 
 
 def format_value(value, unit: str) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, bool) or isinstance(value, str):
+    if isinstance(value, (bool, str)):
         return str(value)
     if isinstance(value, int):
-        text = f"{value:,}"
+        return f"{value:,} {unit}".strip()
+    if unit == "GiB":
+        text = f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    elif unit == "x":
+        return f"{value:.2f}x"
     elif value == 0 or abs(value) >= 1000:
         text = f"{value:,.0f}"
+    elif abs(value) >= 100:
+        text = f"{value:.1f}"
     elif abs(value) >= 0.01:
-        text = f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
+        text = f"{value:.3g}"
     else:
         text = f"{value:.2e}"
-    return f"{text} {unit}".strip() if unit not in ("x", "%") else f"{text}{unit}"
+    return f"{text}%" if unit == "%" else f"{text} {unit}".strip()
 
 
 def markdown(report: dict) -> str:
@@ -672,7 +777,8 @@ def markdown(report: dict) -> str:
         if step["skipped"]:
             note = "; ".join([note] * bool(note) + [f"skipped {s['item']} ({s['reason']})" for s in step["skipped"]])
         lines.append(f"| {name} | {step['status']} | {step['seconds']:.1f} | {_cell(note)} |")
-    lines += ["", f"Figures on {device['name']}:", "", "| step | item | figure | value | note |", "|---|---|---|---|---|"]
+    lines += ["", f"Figures on {device['name']}:", "", "| step | item | figure | value | note |",
+              "|---|---|---|---|---|"]
     for name, step in report["steps"].items():
         for fig in step["figures"]:
             lines.append(f"| {name} | {_cell(fig['item'])} | {_cell(fig['figure'])} | "
@@ -681,7 +787,7 @@ def markdown(report: dict) -> str:
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "/").replace("\n", " ")
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def parse_args(argv=None):
@@ -690,27 +796,48 @@ def parse_args(argv=None):
     parser.add_argument("--dry", action="store_true", help="on the CPU at tiny sizes: proves the script in seconds")
     parser.add_argument("--budget-s", type=float, default=450.0, help="time for the whole run (default 450 s)")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
-    # For tests: make the named step fail on purpose, in its own process, as a real failure would.
+    # For tests: make the named step fail on purpose, or hang until its time limit kills it, in its own process.
     parser.add_argument("--fail-step", default=None, choices=STEPS, help=argparse.SUPPRESS)
-    # The driver starts each step as `--worker STEP --result PATH --deadline T`.
-    parser.add_argument("--worker", default=None, choices=sorted(WORKER_STEPS), help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--stall-step", default=None, choices=sorted(WORKER_STEPS), help=argparse.SUPPRESS)
+    # The driver starts the steps as `--worker STEP,STEP --results DIR --budget-end T`.
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--results", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--budget-end", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(args.steps) - set(STEPS))
     if unknown:
         parser.error(f"--steps: unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    if args.worker is not None:
+        args.worker = args.worker.split(",")
+        if set(args.worker) - set(WORKER_STEPS):
+            parser.error(f"--worker: {args.worker} are not all worker steps")
     return args
+
+
+def run_memory_plan(profile: Profile, records: Dict[str, StepRecord], fail_step: Optional[str]) -> StepRecord:
+    started = time.time()
+    record = StepRecord()
+    try:
+        if fail_step == "memory_plan":
+            raise DeliberateFailure("step memory_plan failed on purpose (--fail-step memory_plan)")
+        step_memory_plan(profile, records, record)
+    except Exception as exc:
+        record.error("memory_plan", _exception_text(exc), traceback.format_exc())
+        record.status = "failed"
+    record.seconds = time.time() - started
+    return record
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     profile = DRY_PROFILE if args.dry else DEVICE_PROFILE
     if args.worker:
-        return worker_main(args.worker, Path(args.result), args.deadline, profile, args.fail_step)
+        return worker_main(args.worker, Path(args.results), args.budget_end, profile, args.fail_step,
+                           args.stall_step)
 
     started = time.time()
+    budget_end = started + args.budget_s
     import torch
 
     if not args.dry and not torch.cuda.is_available():
@@ -730,39 +857,32 @@ def main(argv=None) -> int:
           f"CUDA {report['cuda']}, budget {args.budget_s:.0f} s", flush=True)
     records: Dict[str, StepRecord] = {}
 
-    def save():
-        report["steps"] = {name: rec.as_json() for name, rec in records.items()}
-        report["failed"] = [name for name, rec in records.items() if rec.status == "failed"]
+    def save(step: Optional[str] = None, record: Optional[StepRecord] = None):
+        """Rewrite both files (after every step: a run cut short keeps what it measured)."""
+        if step is not None:
+            records[step] = record
+            print(f"--- {step}: {record.status} ({record.seconds:.1f} s) ---", flush=True)
+        # In the order of STEPS, whatever order they ended in.
+        report["steps"] = {name: records[name].as_json() for name in STEPS if name in records}
+        report["failed"] = [name for name in report["steps"] if records[name].status == "failed"]
         report["seconds"] = round(time.time() - started, 1)
         _write_atomically(out / JSON_NAME, json.dumps(report, indent=1, default=str))
         _write_atomically(out / TABLE_NAME, markdown(report))
 
+    for step in STEPS:
+        if step not in args.steps:
+            records[step] = StepRecord(status="skipped", reason="not selected (--steps)")
+    worker_steps = [step for step in STEPS if step in WORKER_STEPS and step in args.steps]
     with tempfile.TemporaryDirectory(prefix="device_check_") as scratch:
-        for step in STEPS:
-            left = started + args.budget_s - time.time()
-            if step not in args.steps:
-                records[step] = StepRecord(status="skipped", reason="not selected (--steps)")
-            elif left < profile.estimate_s[step]:
-                records[step] = StepRecord(status="skipped", reason=f"budget: {max(left, 0):.0f} s left of "
-                                           f"{args.budget_s:.0f} s, the step takes about {profile.estimate_s[step]:.0f} s")
-            elif step == "memory_plan":
-                step_started = time.time()
-                record = StepRecord()
-                try:
-                    if args.fail_step == step:
-                        raise DeliberateFailure(f"step {step} failed on purpose (--fail-step {step})")
-                    step_memory_plan(profile, records, record)
-                except Exception as exc:
-                    record.error(step, _exception_text(exc), traceback.format_exc())
-                    record.status = "failed"
-                record.seconds = time.time() - step_started
-                records[step] = record
-            else:
-                print(f"--- {step} ---", flush=True)
-                deadline = min(time.time() + profile.limit_s[step], started + args.budget_s)
-                records[step] = run_worker(step, profile, args.dry, deadline, args.fail_step, Path(scratch))
-            print(f"--- {step}: {records[step].status} ({records[step].seconds:.1f} s) ---", flush=True)
-            save()
+        run_workers(worker_steps, profile, args.dry, budget_end, args.fail_step, args.stall_step, Path(scratch),
+                    save)
+    if "memory_plan" in args.steps:
+        left = budget_end - time.time()
+        if left < profile.estimate_s["memory_plan"]:
+            save("memory_plan", StepRecord(status="skipped", reason=f"budget: {max(left, 0):.0f} s left"))
+        else:
+            save("memory_plan", run_memory_plan(profile, records, args.fail_step))
+    save()
     table = (out / TABLE_NAME).read_text()
     print("\n" + table, flush=True)
     print(f"device check: {report['seconds']:.0f} s; written {out / JSON_NAME} and {out / TABLE_NAME}", flush=True)
