@@ -7,4 +7,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+# The GPU machine's image has torch but not megatron-core or PyAV: install the carried wheels of
+# benchmarks/device_wheels.sh (.whl/) into a private folder when they are missing.
+if ! "$PYTHON" -c "import megatron.core" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 exec "$PYTHON" benchmarks/device_check.py "$@"
