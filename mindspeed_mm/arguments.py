@@ -521,6 +521,31 @@ def _check_feature_agreement(args: argparse.Namespace) -> None:
             f"{args.mm_data} reads {reads} but {args.mm_model} says {says}. Set load_video_features and "
             f"load_text_features {str(features).lower()} in the model JSON, or point --mm-data at "
             f"{'raw videos' if features else 'extracted features'}.")
+    _check_empty_prompt(args)
+
+
+def _check_empty_prompt(args: argparse.Namespace) -> None:
+    """Caption dropout on extracted features needs the empty prompt's states, written by feature extraction."""
+    from .config.data import EMPTY_PROMPT_FILE, caption_dropout
+    from .data.manifest import ManifestError, dataset_folders
+
+    param = args.mm.data.dataset_param
+    if not args.mm.model.load_text_features or caption_dropout(param) == 0:
+        return
+    basic = param.basic_parameters
+    try:
+        folders = dataset_folders(basic.data_path, basic.data_folder)
+    except ManifestError:
+        return  # the data checks report the data list itself
+    for path in (os.path.join(folder, EMPTY_PROMPT_FILE) for folder in folders):
+        if os.path.isfile(path):
+            continue
+        raise ArgumentError(
+            f"{path} is missing: caption dropout (dataset_param.preprocess_parameters.cfg "
+            f"{caption_dropout(param):g} in {args.mm_data}) trains some samples on the empty prompt, whose states "
+            f"feature extraction writes there (the features were extracted by an older version). Re-run "
+            f"feature_extraction.sh (extracted videos are kept; only the file is added), or set "
+            f"preprocess_parameters.cfg to 0 to train without caption dropout (guidance then degrades).")
 
 
 def _validate_recompute(args: argparse.Namespace) -> None:

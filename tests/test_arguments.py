@@ -62,6 +62,7 @@ def workspace(tmp_path):
     features = tmp_path / "sora_features"
     features.mkdir()
     (features / "data.jsonl").write_text("")
+    (features / "empty_prompt.pt").write_bytes(b"x")  # feature extraction writes it (caption dropout)
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "prompts.txt").write_text("a cat\n")
     replace = {

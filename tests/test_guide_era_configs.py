@@ -42,6 +42,7 @@ def ws(tmp_path):
         (features / "features" / name).write_bytes(b"")
     (features / "data.jsonl").write_text("".join(json.dumps({"file": f"features/{n}", "captions": "c"}) + "\n"
                                                  for n in ("a.pt", "b.pt")))
+    (features / "empty_prompt.pt").write_bytes(b"")  # feature extraction writes it (caption dropout)
     (tmp_path / "data.txt").write_text(era.data_txt_line(features))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "prompts.txt").write_text("a cat\n")

@@ -7,6 +7,11 @@ from typing import Any, Dict, List, Literal, Optional
 
 from .model import TokenizerConfig
 
+# Caption dropout: the probability of training a sample on the empty prompt (MindSpeed-MM's `cfg` key), and the file
+# feature extraction writes the empty prompt's states to, beside data.jsonl.
+DEFAULT_CAPTION_DROPOUT = 0.1
+EMPTY_PROMPT_FILE = "empty_prompt.pt"
+
 
 @dataclass
 class BasicParameters:
@@ -28,9 +33,14 @@ class PreprocessParameters:
     max_height: int = 544
     max_width: int = 992
     train_pipeline: Dict[str, Any] = field(default_factory=lambda: {"video": [], "image": []})
+    # Caption dropout (MindSpeed-MM's name): the probability that a training sample's text is replaced by the empty
+    # prompt's, which trains the unconditional branch classifier-free guidance samples with.
+    cfg: float = DEFAULT_CAPTION_DROPOUT
 
     def validate(self) -> None:
         # Plain ValueError on purpose: from_dict turns it into a ConfigError that names the file and key.
+        if not 0.0 <= self.cfg < 1.0:
+            raise ValueError(f"cfg {self.cfg} (caption dropout) must be in [0, 1); 0.1 is usual, 0 turns it off.")
         for name in ("train_fps", "num_frames", "max_height", "max_width"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
@@ -47,6 +57,12 @@ class DatasetParam:
     use_text_processer: bool = True
     enable_text_preprocessing: bool = False
     tokenizer_config: Optional[List[TokenizerConfig]] = None
+
+
+def caption_dropout(param: "DatasetParam") -> float:
+    """The caption dropout of a dataset: preprocess_parameters.cfg, or the default without that section."""
+    pre = param.preprocess_parameters
+    return pre.cfg if pre is not None else DEFAULT_CAPTION_DROPOUT
 
 
 @dataclass

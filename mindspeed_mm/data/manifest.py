@@ -275,6 +275,14 @@ def read_data_list(path: str, data_folder: str = "") -> List[DataListEntry]:
     return entries
 
 
+def dataset_folders(data_path: str, data_folder: str = "") -> List[str]:
+    """The absolute folders of a dataset: each line's of a data.txt list, else `data_folder` (or the working
+    directory). Feature extraction writes its per-dataset files (the empty prompt) there."""
+    if is_data_list(data_path):
+        return [os.path.abspath(entry.folder) for entry in read_data_list(data_path, data_folder)]
+    return [data_root(data_folder)]
+
+
 def _read_one(path: str, data_folder: str, require_captions: bool, check_files: bool,
               suffixes: Optional[Sequence[str]], allow_outside: bool) -> Manifest:
     if not os.path.isfile(path):

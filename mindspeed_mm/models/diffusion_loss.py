@@ -12,6 +12,12 @@ the DiT predicts v = x0 − ε, and the loss is the per-sample mean squared erro
 and the i2v pixel noise; it must be seeded identically on the tensor- and context-parallel ranks that
 share a batch (the trainer seeds it from the seed, the data-parallel rank and the iteration).
 
+Caption dropout (`caption_dropout` p, the data JSON's `preprocess_parameters.cfg`): after t and ε, one uniform
+draw per sample from the same generator; a sample whose draw is below p is trained on the empty prompt's states
+(`empty_prompt`, or the text encoder's encoding of "" when it runs here) instead of its caption's, so the
+unconditional branch that classifier-free guidance samples with is trained too. Every TP/CP rank draws alike and a
+resumed run draws what the uninterrupted one did. p = 0 draws nothing.
+
 `enable_encoder_dp` (raw videos): the tensor- and context-parallel ranks of a group hold the same micro-batches, so
 instead of each of them running the frozen encoders on all of them, `encode_iteration(batches, generators)` runs
 the deterministic part (VAE posterior, Step-LLM and CLIP states) of micro-batch m on group rank m % size only,
@@ -68,8 +74,17 @@ class DiffusionLossModel(MegatronModule):
 
     def __init__(self, predictor: StepVideoDiT, scheduler: FlowMatchScheduler, vae: Optional[StepVideoVAE] = None,
                  text_encoder: Optional[StepVideoTextEncoder] = None, i2v: bool = False,
-                 motion_score: float = 5.0, enable_encoder_dp: bool = False, encoder_group=None):
+                 motion_score: float = 5.0, enable_encoder_dp: bool = False, encoder_group=None,
+                 caption_dropout: float = 0.0, empty_prompt: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]]
+                 = None):
         super().__init__(predictor.config)
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption dropout {caption_dropout} must be in [0, 1).")
+        if caption_dropout > 0 and empty_prompt is None and text_encoder is None:
+            raise ValueError("caption dropout needs the empty prompt's states (extracted features: empty_prompt.pt) "
+                             "or a text encoder to encode it.")
+        self.caption_dropout = caption_dropout
+        self._empty_prompt = empty_prompt
         self.predictor = predictor
         self.scheduler = scheduler
         # The frozen encoders stay out of the module tree: DDP, the optimizer and checkpoints see the DiT only.
@@ -145,6 +160,37 @@ class DiffusionLossModel(MegatronModule):
                              "load_text_features false in the model JSON (with a text_encoder section), or train "
                              "on extracted features.")
         return self._text_encoder.module.encode_tokens(list(batch["prompt_ids"]), masks)
+
+    def empty_prompt_states(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The empty prompt's ([llm (1, L1, C1), clip (1, L2, C2)], [masks]) on the DiT's device."""
+        if self._empty_prompt is None:
+            with torch.no_grad():
+                states, masks = self._text_encoder.module([""])
+            self._empty_prompt = ([s.detach() for s in states], [m.detach() for m in masks])
+        device = self.predictor.device
+        return [s.to(device) for s in self._empty_prompt[0]], [m.to(device) for m in self._empty_prompt[1]]
+
+    def drop_captions(self, prompt: List[torch.Tensor], mask: List[torch.Tensor], generator
+                      ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Caption dropout (module docstring): rows drawn below p get the empty prompt's states and masks."""
+        if self.caption_dropout <= 0:
+            return prompt, mask
+        b = prompt[0].shape[0]
+        dropped = torch.rand(b, generator=generator) < self.caption_dropout
+        if not bool(dropped.any()):
+            return prompt, mask
+        rows = dropped.nonzero().flatten().to(prompt[0].device)
+        empty, empty_mask = self.empty_prompt_states()
+        out, out_mask = [], []
+        for states, m, e, em in zip(prompt, mask, empty, empty_mask):
+            length = states.shape[1]
+            e, em = _fit(e, length), _fit(em, length)  # the batch's padded length
+            states, m = states.clone(), m.clone()
+            states[rows] = e.to(states.dtype).expand(len(rows), *e.shape[1:])
+            m[rows] = em.to(m.dtype).expand(len(rows), *em.shape[1:])
+            out.append(states)
+            out_mask.append(m)
+        return out, out_mask
 
     # ---- encoding shared over the tensor x context parallel group ---------------------------
 
@@ -243,12 +289,21 @@ class DiffusionLossModel(MegatronModule):
         t = t.to(self.predictor.dtype).float().to(x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        prompt, prompt_mask = self.drop_captions(prompt, prompt_mask, generator)
         noise = noise.to(x0.device, torch.float32)
         x0 = x0.float()
         x_t = self.scheduler.add_noise(x0, noise, t)
         extra = {"image_latents": cond, "motion_score": self.motion_score} if self.i2v else {}
         prediction = self.predictor(x_t, t, prompt, prompt_mask, **extra)
         return self.scheduler.loss(prediction, self.scheduler.velocity_target(x0, noise))
+
+
+def _fit(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """`tensor` (1, L, ...) cut or zero-padded to L = length on dim 1 (zeros are masked-out positions)."""
+    if tensor.shape[1] >= length:
+        return tensor[:, :length]
+    pad = torch.zeros((1, length - tensor.shape[1], *tensor.shape[2:]), dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, pad], dim=1)
 
 
 def _share(local: Dict[int, Dict[str, torch.Tensor]], count: int, group, device: torch.device

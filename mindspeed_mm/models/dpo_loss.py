@@ -38,9 +38,11 @@ class DPOLossModel(DiffusionLossModel):
     def __init__(self, predictor, scheduler, reference, vae=None, text_encoder=None, i2v: bool = False,
                  loss_beta: float = 2000.0, beta: float = 0.1, label_smoothing: float = 0.0, pref_ftx: float = 0.0,
                  histogram: Optional[dict] = None, weight_alpha: float = 0.0, weight_beta: Optional[float] = None,
-                 enable_encoder_dp: bool = False, encoder_group=None):
+                 enable_encoder_dp: bool = False, encoder_group=None, caption_dropout: float = 0.0,
+                 empty_prompt=None):
         super().__init__(predictor, scheduler, vae=vae, text_encoder=text_encoder, i2v=i2v,
-                         enable_encoder_dp=enable_encoder_dp, encoder_group=encoder_group)
+                         enable_encoder_dp=enable_encoder_dp, encoder_group=encoder_group,
+                         caption_dropout=caption_dropout, empty_prompt=empty_prompt)
         if reference is None and not has_lora(predictor):
             raise ValueError("DPOLossModel without a reference DiT needs LoRA adapters on the actor (LoRA-DPO: the "
                              "reference is the actor with its adapters off).")
@@ -92,6 +94,7 @@ class DPOLossModel(DiffusionLossModel):
         t = self.scheduler.sample_timesteps(b, generator=generator)
         t = t.to(self.predictor.dtype).float().to(x0_w.device)
         noise = torch.randn(x0_w.shape, generator=generator, dtype=torch.float32).to(x0_w.device)
+        prompt, prompt_mask = self.drop_captions(prompt, prompt_mask, generator)  # per pair: both members alike
         x0 = torch.cat([x0_w, x0_l]).float()
         noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
         x_t = self.scheduler.add_noise(x0, noise2, t2)

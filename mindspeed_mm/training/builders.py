@@ -146,6 +146,27 @@ def encoder_dp_options(args, vae, encoder) -> dict:
     return {"enable_encoder_dp": True, "encoder_group": group}
 
 
+def caption_dropout_options(args, encoder) -> dict:
+    """{caption_dropout, empty_prompt} for the loss model: p from the data JSON (preprocess_parameters.cfg); the
+    empty prompt's states from the features' empty_prompt.pt, or encoded by the text encoder when it runs here."""
+    from ..config.data import EMPTY_PROMPT_FILE, caption_dropout
+
+    param = args.mm.data.dataset_param
+    p = caption_dropout(param)
+    if p == 0:
+        return {}
+    if encoder is not None:
+        return {"caption_dropout": p}
+    from ..checkpoint.megatron_layout import torch_load
+    from ..data.manifest import dataset_folders
+
+    folder = dataset_folders(param.basic_parameters.data_path, param.basic_parameters.data_folder)[0]
+    path = os.path.join(folder, EMPTY_PROMPT_FILE)  # every folder's is the same prompt through the same encoders
+    payload = torch_load(path, fix="Re-run feature extraction to write it again.")
+    print_rank0(f"caption dropout {p:g}: a sample is trained on the empty prompt ({path}) with that probability")
+    return {"caption_dropout": p, "empty_prompt": (list(payload["prompt_ids"]), list(payload["prompt_mask"]))}
+
+
 def check_training_sections(args) -> None:
     model_cfg = args.mm.model
     if model_cfg.predictor is None or model_cfg.diffusion is None:
@@ -163,7 +184,7 @@ def build_pretrain_model(args):
     dit = build_predictor(args)
     model = DiffusionLossModel(dit, FlowMatchScheduler.from_config(model_cfg.diffusion), vae=vae, text_encoder=encoder,
                                i2v=model_cfg.predictor.use_additional_conditions,
-                               **encoder_dp_options(args, vae, encoder))
+                               **encoder_dp_options(args, vae, encoder), **caption_dropout_options(args, encoder))
     if getattr(dit, "lora_record", None):
         model.checkpoint_records[LORA_RECORD] = dit.lora_record
     return model

@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from ..arguments import ArgumentError
 from ..checkpoint.megatron_layout import RELEASE, CheckpointError, is_megatron_checkpoint, read_tracker
-from .builders import (LORA_RECORD, build_encoders, build_predictor, check_training_sections, encoder_dp_options,
-                       load_dit, print_rank0)
+from .builders import (LORA_RECORD, build_encoders, build_predictor, caption_dropout_options, check_training_sections,
+                       encoder_dp_options, load_dit, print_rank0)
 from .checkpointing import read_record
 
 RECORD_NAME = "dpo_reference"
@@ -202,7 +202,8 @@ def build_dpo_model(args):
                          vae=vae, text_encoder=encoder, i2v=model_cfg.predictor.use_additional_conditions,
                          loss_beta=dpo.loss_beta, beta=args.dpo_beta, label_smoothing=args.dpo_label_smoothing,
                          pref_ftx=args.pref_ftx, histogram=histogram, weight_alpha=dpo.weight_alpha,
-                         weight_beta=dpo.weight_beta, **encoder_dp_options(args, vae, encoder))
+                         weight_beta=dpo.weight_beta, **encoder_dp_options(args, vae, encoder),
+                         **caption_dropout_options(args, encoder))
     model.checkpoint_records[RECORD_NAME] = record
     if getattr(actor, "lora_record", None):
         model.checkpoint_records[LORA_RECORD] = actor.lora_record

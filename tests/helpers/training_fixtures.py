@@ -32,7 +32,20 @@ def write_feature_dataset(root: Path, samples: int = 8, i2v: bool = False, seed:
         torch.save(data, root / "features" / f"s{i}.pt")
         rows.append({"file": f"features/s{i}.pt", "captions": f"sample {i}"})
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_empty_prompt(root, gen)
     return root
+
+
+def write_empty_prompt(root: Path, gen: torch.Generator) -> Path:
+    """The empty prompt's states as feature extraction writes them (one valid step_llm token, every CLIP one)."""
+    from mindspeed_mm.config.data import EMPTY_PROMPT_FILE
+
+    mask = torch.zeros(1, 10, dtype=torch.long)
+    mask[0, 0] = 1
+    path = root / EMPTY_PROMPT_FILE
+    torch.save({"prompt_ids": [torch.randn(1, 10, 16, generator=gen), torch.randn(1, 5, 8, generator=gen)],
+                "prompt_mask": [mask, torch.ones(1, 5, dtype=torch.long)]}, path)
+    return path
 
 
 def write_training_configs(root: Path, i2v: bool = False, samples: int = 8) -> dict:

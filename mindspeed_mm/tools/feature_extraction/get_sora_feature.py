@@ -18,6 +18,8 @@ Output, under `sorafeature.save_path` of the tools JSON:
                                            "prompt_mask": [(1, L1), (1, L2)] int64,
                                            "image_latents": (t, z, h, w),   # i2v only
                                            "extracted_from": {"file", "caption", frame settings}})
+    empty_prompt.pt            torch.save({"prompt_ids": [...], "prompt_mask": [...]}) of the empty prompt "",
+                               encoded as every caption is: caption dropout trains some samples on it
 
 Every rank reads the whole manifest and makes the same plan before extracting anything (`plan_extraction`): each
 distinct video (by its normalised path) is extracted once, under a name that no other video can get (`feature_name`:
@@ -237,6 +239,8 @@ def extract(args, rank: int, world: int, device: torch.device, plan: Plan, datas
         return counts, failures
     vae = StepVideoVAE.from_config(model_cfg.ae, device=device)
     encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=device)
+    if rank == 0:
+        write_empty_prompt(encoder, features.parent)
     processor = StepVideoI2VProcessor() if i2v else None
     loader = torch.utils.data.DataLoader(_Clips(dataset, plan.videos, todo), batch_size=None, collate_fn=_as_is,
                                          num_workers=args.num_workers)
@@ -267,6 +271,17 @@ def extract(args, rank: int, world: int, device: torch.device, plan: Plan, datas
         counts["re-extracted over a stale file" if target.exists() else "extracted"] += 1
         _save_atomic(out, target)
     return counts, failures
+
+
+def write_empty_prompt(encoder, save_root: Path) -> Path:
+    """The empty prompt's states, encoded as every caption is, for caption dropout in training (EMPTY_PROMPT_FILE)."""
+    from mindspeed_mm.config.data import EMPTY_PROMPT_FILE
+
+    with torch.no_grad():
+        prompt, prompt_mask = encoder([""])
+    target = save_root / EMPTY_PROMPT_FILE
+    _save_atomic({"prompt_ids": [p.cpu() for p in prompt], "prompt_mask": [m.cpu() for m in prompt_mask]}, target)
+    return target
 
 
 def write_rows(save_root: Path, plan: Plan, failures: Dict[int, str]) -> Tuple[int, List[int]]:
@@ -305,6 +320,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch.distributed as dist
 
     from mindspeed_mm.cli import configure_logging
+    from mindspeed_mm.config.data import EMPTY_PROMPT_FILE
     from mindspeed_mm.data import build_dataset
     from mindspeed_mm.runtime import current_device, destroy_runtime, initialize_runtime
 
@@ -332,6 +348,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.warning("feature extraction leaves out %d rows of %s: %s\n  %s%s", len(plan.notes),
                        dataset.manifest.source, summary, "\n  ".join(plan.notes[:10]), more)
     counts, failures = extract(args, rank, world, current_device(), plan, dataset)
+    if rank == 0 and not (save_root / EMPTY_PROMPT_FILE).is_file():  # everything was kept from an earlier run
+        from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
+
+        param = args.mm.data.dataset_param
+        write_empty_prompt(StepVideoTextEncoder.from_configs(
+            args.mm.model.text_encoder, param.tokenizer_config or args.mm.model.tokenizer, device=current_device()),
+            save_root)
     results = [None] * world
     dist.all_gather_object(results, (dict(counts), failures))
     if rank == 0:
