@@ -53,6 +53,8 @@ class SoraFeatureConfig:
     extract_text_feature: bool = True
     save_path: str = "./sora_features"
     data_storage_mode: Literal["sorafeatured"] = "sorafeatured"
+    # extension: encode every caption of a row (text tensors (N, L, C)); training then draws one per epoch.
+    all_captions: bool = False
 
     def validate(self) -> None:
         for key in ("extract_video_feature", "extract_text_feature"):

@@ -15,6 +15,7 @@ epoch.
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -204,9 +205,17 @@ class FeatureDataset(_SubstitutingDataset):
     as stored (bf16 latents). DPO rows add "video_rejected" (the "video" of `file_rejected`), "score", "score_rejected",
     and, when the winner has "image_latents" (i2v), "image_latents_rejected": the loser's own image condition. The
     record of what a file was made from (`extracted_from`) is not returned.
+
+    A file extracted with `sorafeature.all_captions` holds every caption of its row: text tensors (N, L, C) and masks
+    (N, L). A sample then takes caption k of N, chosen from (seed, row, epoch) as raw datasets choose a caption, so
+    the wording of a video changes from epoch to epoch (the sampler passes the epoch with the index).
     """
 
-    def _read(self, path: str) -> Dict[str, Any]:
+    def __init__(self, manifest: Manifest, seed: int = 0):
+        super().__init__(manifest)
+        self.seed = seed
+
+    def _read(self, path: str, index: int = 0, epoch: int = 0) -> Dict[str, Any]:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, OSError
@@ -225,7 +234,15 @@ class FeatureDataset(_SubstitutingDataset):
                 or not all(isinstance(t, torch.Tensor) for t in list(ids) + list(mask))):
             raise BadSampleError(f"{path}: 'prompt_ids' and 'prompt_mask' must be equal-length lists of tensors",
                                  "bad prompt")
-        data["prompt"] = [_squeeze_one(t, 2) for t in data.pop("prompt_ids")]
+        ids = data.pop("prompt_ids")
+        count = ids[0].shape[0] if ids[0].ndim == 3 else 1
+        if count > 1:  # every caption of the row was extracted: this epoch's
+            if any(t.ndim != 3 or t.shape[0] != count for t in ids) or any(m.shape[0] != count for m in mask):
+                raise BadSampleError(f"{path}: prompt_ids / prompt_mask hold different numbers of captions",
+                                     "bad prompt")
+            k = random.Random(f"{self.seed}/{epoch}/{index}").randrange(count)
+            ids, mask = [t[k:k + 1] for t in ids], [m[k:k + 1] for m in mask]
+        data["prompt"] = [_squeeze_one(t, 2) for t in ids]
         data["prompt_mask"] = [_squeeze_one(t, 1) for t in mask]
         for i, (s, m) in enumerate(zip(data["prompt"], data["prompt_mask"])):
             if s.ndim != 2 or m.ndim != 1 or s.shape[0] != m.shape[0]:
@@ -235,7 +252,7 @@ class FeatureDataset(_SubstitutingDataset):
 
     def _load(self, index: int, epoch: int) -> Dict[str, Any]:
         row = self.rows[index]
-        sample = self._read(row.path)
+        sample = self._read(row.path, index, epoch)
         if row.is_dpo:
             loser = self._read(row.path_rejected)
             rejected = loser["video"]
@@ -292,7 +309,7 @@ def build_dataset(data_config, tokenizers: Optional[List[Tokenizer]] = None, see
                 raise ManifestError(f"{exc} dataset_type 'feature' reads the .pt files written by feature extraction; "
                                     f"for raw videos set dataset_type to 't2v' or 'i2v'.") from exc
             raise
-        return FeatureDataset(manifest)
+        return FeatureDataset(manifest, seed=seed)
     if param.dataset_type in ("t2v", "i2v"):
         if param.preprocess_parameters is None:
             raise ConfigError(f"dataset_type {param.dataset_type!r} needs dataset_param.preprocess_parameters "

@@ -18,6 +18,8 @@ Output, under `sorafeature.save_path` of the tools JSON:
                                            "prompt_mask": [(1, L1), (1, L2)] int64,
                                            "image_latents": (t, z, h, w),   # i2v only
                                            "extracted_from": {"file", "caption", frame settings}})
+    (with the tools JSON's sorafeature.all_captions, a row's every caption: prompt_ids (N, L, C), masks (N, L);
+    training draws one per epoch)
     empty_prompt.pt            torch.save({"prompt_ids": [...], "prompt_mask": [...]}) of the empty prompt "",
                                encoded as every caption is: caption dropout trains some samples on it
 
@@ -81,8 +83,9 @@ class PlannedVideo:
     key: str        # source_key of the video
     path: str       # where to read it
     name: str       # features/<name>
-    caption: str    # the caption encoded into its .pt
+    caption: str    # the caption encoded into its .pt (the first, with all_captions)
     line: int       # the first manifest line that needs it
+    captions: Tuple[str, ...] = ()  # with all_captions: every caption of the row, all encoded
 
 
 @dataclass
@@ -104,10 +107,11 @@ class Plan:
         self.notes.append(f"line {line}: {note}")
 
 
-def plan_extraction(rows: Sequence[ManifestRow], root: str, seed: int) -> Plan:
+def plan_extraction(rows: Sequence[ManifestRow], root: str, seed: int, all_captions: bool = False) -> Plan:
     """Which videos to extract, under which names, and which rows to write: identical on every rank.
 
-    A video is extracted once, for the first row that needs it, with that row's caption. Skipped rows:
+    A video is extracted once, for the first row that needs it, with that row's caption (with `all_captions`, with
+    all of them). Skipped rows:
     - "duplicate video": a non-DPO row whose video an earlier row has (put all captions of one video in its row's
       `captions` list);
     - "duplicate pair": a DPO row with the winner and loser of an earlier row;
@@ -155,7 +159,9 @@ def plan_extraction(rows: Sequence[ManifestRow], root: str, seed: int) -> Plan:
         for key, path in new:
             index_of[key] = len(plan.videos)
             owner[feature_name(key)] = key
-            plan.videos.append(PlannedVideo(key, path, feature_name(key), caption, row.line))
+            every = tuple(row.captions) if all_captions and len(row.captions) > 1 and key == wkey else ()
+            plan.videos.append(PlannedVideo(key, path, feature_name(key), every[0] if every else caption, row.line,
+                                            every))
         if row.is_dpo:
             pairs[(wkey, lkey)] = row.line
         plan.rows.append(PlannedRow(row, index_of[wkey], index_of[lkey] if lkey is not None else None))
@@ -166,7 +172,8 @@ def record_of(video: PlannedVideo, preprocess) -> dict:
     """What a .pt is made from; a file whose record differs is stale and extracted again."""
     frames = {k: getattr(preprocess, k) for k in ("num_frames", "train_fps", "skip_frame_num", "max_height",
                                                   "max_width")}
-    return {"file": video.key, "caption": video.caption, **frames}
+    text = {"captions": list(video.captions)} if video.captions else {"caption": video.caption}
+    return {"file": video.key, **text, **frames}
 
 
 def _output_row(row: ManifestRow, name: str, rejected: Optional[str]) -> dict:
@@ -261,7 +268,7 @@ def extract(args, rank: int, world: int, device: torch.device, plan: Plan, datas
         with torch.no_grad():
             pixels = clip[None].to(device)
             latents = vae.encode(pixels, generator=generator)
-            prompt, prompt_mask = encoder([video.caption])
+            prompt, prompt_mask = encoder(list(video.captions) or [video.caption])  # (N, L, C): N captions
             out = {"video": latents[0].cpu(), "prompt_ids": [p.cpu() for p in prompt],
                    "prompt_mask": [m.cpu() for m in prompt_mask],
                    RECORD_KEY: record_of(video, param.preprocess_parameters)}
@@ -341,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     (save_root / "features").mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(args.mm.data, seed=args.seed)  # logs the manifest summary on rank 0
     plan = plan_extraction(dataset.rows, data_root(args.mm.data.dataset_param.basic_parameters.data_folder),
-                           args.seed)
+                           args.seed, all_captions=args.mm.tool.sorafeature.all_captions)
     if rank == 0 and plan.notes:
         summary = ", ".join(f"{len(lines)} {reason} ({format_lines(lines)})" for reason, lines in plan.skipped.items())
         more = f" (and {len(plan.notes) - 10} more)" if len(plan.notes) > 10 else ""
