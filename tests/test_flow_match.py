@@ -54,10 +54,15 @@ def test_training_convention_of_the_released_weights():
     torch.testing.assert_close(xt[1] + target[1] * (1 - 0.25), x0[1])
     loss = scheduler.loss(target + 1.0, target)
     assert loss.shape == (3,) and torch.allclose(loss, torch.ones(3))
-    draws = scheduler.sample_timesteps(20000, generator=torch.Generator().manual_seed(0))
+    plain = FlowMatchScheduler(train_shift=None)  # "train_shift": null, the unshifted logit-normal t
+    draws = plain.sample_timesteps(20000, generator=torch.Generator().manual_seed(0))
     assert 0 < draws.min() and draws.max() < 1 and abs(draws.median().item() - 0.5) < 0.02
-    shifted = FlowMatchScheduler(train_shift=13.0).sample_timesteps(20000, generator=torch.Generator().manual_seed(0))
+    shifted = scheduler.sample_timesteps(20000, generator=torch.Generator().manual_seed(0))  # the default, 13
     assert shifted.median() < 0.2  # the shift moves training toward high noise (small t)
+    # where 30-step shift-13 sampling spends its steps: below t = 0.1 about 60 % of them; now training too
+    steps = FlowMatchScheduler().set_timesteps(30)
+    assert (steps < 0.1).float().mean() > 0.5 and (shifted < 0.1).float().mean() > 0.3
+    assert (draws < 0.1).float().mean() < 0.02
     torch.testing.assert_close(FlowMatchScheduler.guidance(torch.ones(2), torch.zeros(2), 9.0), torch.full((2,), 9.0))
 
 
@@ -68,7 +73,8 @@ def test_config_and_errors():
     with pytest.raises(KeyError, match="model_id 'flow_match_discrete_scheduler' is not registered"):
         get_model_class("flow_match_discrete_scheduler")
     assert isinstance(scheduler, FlowMatchScheduler) and scheduler.set_timesteps().shape == (5,)
-    assert FlowMatchScheduler.from_config(DiffusionConfig(train_shift=13.0)).train_shift == 13.0
+    assert FlowMatchScheduler.from_config(DiffusionConfig(train_shift=3.0)).train_shift == 3.0
+    assert DiffusionConfig().train_shift == 13.0 and FlowMatchScheduler().train_shift == 13.0
     with pytest.raises(ValueError, match=r"reverse = true .* set \"reverse\": false"):
         FlowMatchScheduler(reverse=True)
     with pytest.raises(ValueError, match=r"solver 'heun' is not supported"):

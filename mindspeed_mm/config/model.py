@@ -146,8 +146,9 @@ class DiffusionConfig:
     shift: float = 13.0
     reverse: bool = False
     solver: Literal["euler"] = "euler"
-    # extension: shift the training timestep distribution like the sampling schedule (off by default).
-    train_shift: Optional[float] = None
+    # extension: shift the training noise levels like the sampling schedule. 13.0, the released sampler's shift,
+    # by measurement (docs/pretraining.md, benchmarks/guidance_and_shift.py); null: the unshifted logit-normal t.
+    train_shift: Optional[float] = 13.0
 
     def validate(self) -> None:
         if self.reverse:

@@ -34,7 +34,7 @@ class FlowMatchScheduler:
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 13.0, reverse: bool = False,
                  solver: str = "euler", num_inference_timesteps: Optional[int] = None,
-                 train_shift: Optional[float] = None):
+                 train_shift: Optional[float] = 13.0):
         if reverse:
             raise ConfigError(
                 "diffusion.reverse = true runs the schedule from data to noise, which is not the convention of the "
