@@ -61,7 +61,7 @@ def test_training_convention_of_the_released_weights():
     assert shifted.median() < 0.2  # the shift moves training toward high noise (small t)
     # where 30-step shift-13 sampling spends its steps: below t = 0.1 about 60 % of them; now training too
     steps = FlowMatchScheduler().set_timesteps(30)
-    assert (steps < 0.1).float().mean() > 0.5 and (shifted < 0.1).float().mean() > 0.3
+    assert (steps < 0.1).float().mean() > 0.5 and (shifted < 0.1).float().mean() > 0.5
     assert (draws < 0.1).float().mean() < 0.02
     torch.testing.assert_close(FlowMatchScheduler.guidance(torch.ones(2), torch.zeros(2), 9.0), torch.full((2,), 9.0))
 
