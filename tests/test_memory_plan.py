@@ -22,9 +22,10 @@ from mindspeed_mm.tools.memory_plan import (GIB, DiTShape, Layout, RawVideo, Rec
                                             plan_memory)
 from mindspeed_mm.tools.memory_plan.cli import MemoryPlanError, main
 from mindspeed_mm.tools.memory_plan.dit import (RING_QUERY_CHUNK, TokenSplit, activation_peak, backward_working_bytes,
-                                                outside_block_activations, ring_attention_transient_bytes)
-from mindspeed_mm.tools.memory_plan.encoders import BertShape, StepLLMShape
-from mindspeed_mm.tools.memory_plan.plan import candidate_layouts
+                                                outside_block_activations, ring_attention_transient_bytes,
+                                                sampling_forward)
+from mindspeed_mm.tools.memory_plan.encoders import BertShape, StepLLMShape, vae_decode_working_bytes
+from mindspeed_mm.tools.memory_plan.plan import Sampling, candidate_layouts, plan_sampling
 from tests.helpers.saved_tensors import saved_bytes_per_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -486,3 +487,100 @@ def test_sp_activation_script_arithmetic():
             for r in (0, 1) for sp in (False, True) for rc in (False, True)]
     out = script.table(rows)
     assert out.count("| 1024 |") == 2 and "| 0.50 |" in out and "| 0.80 |" in out
+
+
+# --- sampling (inference) -------------------------------------------------------------------
+
+
+def _sampling(**kw) -> Sampling:
+    return Sampling(**{"step_llm": StepLLMShape(), "clip": BertShape(), "vae_parameters": 1000, **kw})
+
+
+@pytest.mark.parametrize("tp,dtype,a", [(1, "bf16", 2), (2, "bf16", 2), (4, "fp32", 4)])
+def test_sampling_dit_weights_are_the_modules_parameters(tp, dtype, a):
+    """The sampling phase's DiT weights: the real module's parameters in its dtype, the TP-split ones / TP (the
+    parallel plan's split, as test_tensor_parallel_share_follows_the_parallel_plan counts it)."""
+    dit = _meta_dit(**{**TINY, "num_heads": 4, "dtype": dtype})
+    expected = 0
+    for key, tensor in dit.state_dict().items():
+        plan, leaf = plan_for_parameter(key)
+        split = plan is not None and split_dim(plan, leaf) is not None
+        expected += (tensor.numel() // tp if split else tensor.numel()) * tensor.element_size()
+    shape = DiTShape.from_config(dit.predictor_config)
+    sampled = plan_sampling(shape, Workload(1, 3, 8, 8, 5, 3), Layout(tp, 1, 1), _sampling(dit_bytes=a))
+    weights = [v for k, v in sampled.phases["sample"].items() if k.startswith("DiT weights")]
+    assert weights == [expected]
+    assert sampled.phases["decode"][next(k for k in sampled.phases["decode"] if k.startswith("DiT"))] == expected
+
+
+def test_cfg_parallel_halves_the_sampling_activations():
+    shape, work = DiTShape(num_layers=2, num_heads=8, head_dim=128), Workload(1, 8, 16, 16)  # 2,048: no padding
+    for tp, cp in ((1, 1), (2, 2)):
+        together = plan_sampling(shape, work, Layout(tp, cp, 1), _sampling())
+        halves = plan_sampling(shape, work, Layout(tp, cp, 2), _sampling(cfg_parallel=True))
+        assert (together.workload.batch, halves.workload.batch) == (2, 1)
+        one, two = halves.forward, together.forward
+        assert (2 * one.self_attention, 2 * one.feed_forward, 2 * one.patch_embedding) == (
+            two.self_attention, two.feed_forward, two.patch_embedding)
+        assert one.peak < two.peak
+    unguided = plan_sampling(shape, work, Layout(1, 1, 1), _sampling(guided=False))
+    assert unguided.forward == plan_sampling(shape, work, Layout(1, 1, 2), _sampling(cfg_parallel=True)).forward
+
+
+def test_sampling_forward_keeps_nothing_for_backward():
+    """Without autograd a block's moment is far below what a block keeps for backward, and 48 blocks cost no more
+    than 2 (only what every block shares stays)."""
+    work = Workload(2, 8, 16, 16)
+    small, big = DiTShape(num_layers=2), DiTShape(num_layers=48)
+    assert sampling_forward(small, work, 1, 1, 2) == sampling_forward(big, work, 1, 1, 2)
+    forward = sampling_forward(big, work, 1, 1, 2)
+    assert forward.block < block_activations(big, work, 1, 1, 2).total
+    a, s, d = 2, 2 * 2048, big.hidden
+    assert forward.feed_forward == 2 * a * s * d + 2 * a * s * 4 * d  # residual stream + FFN hidden, GELU in and out
+    # At CP 8 the whole sequence's patch embedding (before the split) is the largest moment.
+    assert sampling_forward(big, work, 1, 8, 2).peak == a * 2 * (64 * 2048 + 2 * 2048 * d)  # a x b x ...
+
+
+def test_unload_text_encoder_removes_them_from_sampling():
+    shape, work = DiTShape(num_layers=2, num_heads=8, head_dim=128), Workload(1, 8, 16, 16)
+    kept = plan_sampling(shape, work, Layout(1, 1, 1), _sampling(unload_text_encoder=False))
+    unloaded = plan_sampling(shape, work, Layout(1, 1, 1), _sampling(unload_text_encoder=True))
+    encoders = StepLLMShape().parameters() * 2 + BertShape().parameters() * 4
+    for phase in ("sample", "decode"):
+        assert kept.phase_total(phase) - unloaded.phase_total(phase) == encoders
+        assert not any("step_llm" in name or "CLIP" in name for name in unloaded.phases[phase])
+    assert kept.phases["encode text"] == unloaded.phases["encode text"]
+    assert "DiT" not in " ".join(kept.phases["encode text"])  # the DiT loads after the prompts are encoded
+    assert unloaded.peak_phase == "encode text" and kept.peak_phase == "decode"
+
+
+def test_text_encoder_batch_is_the_runners():
+    from mindspeed_mm.inference.runner import TEXT_ENCODER_BATCH as runner_batch
+    from mindspeed_mm.tools.memory_plan.plan import TEXT_ENCODER_BATCH
+
+    assert TEXT_ENCODER_BATCH == runner_batch
+
+
+def test_vae_decode_estimate_follows_the_documented_figures():
+    vae = VAEShape()
+    assert vae_decode_working_bytes(vae, 1, 544, 992, 4) == int(23.7 * GIB)  # untiled, extrapolated
+    assert vae_decode_working_bytes(vae, 1, 544, 992, 4, tile=256) == int(4.1 * GIB)  # tiled, measured
+    assert vae_decode_working_bytes(vae, 1, 544, 992, 2, tile=256) == int(4.1 * GIB / 2)  # bf16: half
+
+
+@pytest.mark.parametrize("folder,model,frames", [(T2V, "inference_t2v_model.json", "204 frames 544x992 -> 36"),
+                                                 (I2V, "inference_i2v_model.json", "102 frames 544x992 -> 18")])
+def test_cli_plans_sampling_on_the_example_inference_jsons(capsys, folder, model, frames):
+    base = ["--mm-model", str(folder / model), "--tensor-model-parallel-size", "4", "--context-parallel-size", "1",
+            "--bf16"]
+    assert main(base + ["--inference"]) == 0
+    out = capsys.readouterr().out
+    assert "sampling (inference)" in out and frames in out
+    for phase in ("phase: encode text", "phase: sample", "phase: decode"):
+        assert phase in out
+    assert "peak: " in out and "GiB in the encode text phase" in out  # unload_text_encoder true in both examples
+    assert "2 samples a forward" in out and "= 4 rank(s)" in out
+    assert main(base + ["--use-cfg-parallel", "--device-memory-gb", "80"]) == 0  # detected: pipeline_config
+    out = capsys.readouterr().out
+    assert "CFG parallel" in out and "1 sample(s) a forward" in out and "= 8 rank(s)" in out
+    assert "fits 80 GB per device" in out

@@ -1,4 +1,5 @@
-"""Memory planner: the peak device memory per rank of a StepVideo training step, and the layouts that fit.
+"""Memory planner: the peak device memory per rank of a StepVideo training step, and the layouts that fit; with
+--inference, of sampling (`plan_sampling`).
 
     python -m mindspeed_mm.tools.memory_plan --mm-model ... --mm-data ... --tensor-model-parallel-size 8 ...
 
@@ -8,8 +9,10 @@ JSON files. docs/performance.md ("Memory planner") has the formulas and the vali
 
 from .dit import DiTShape, Recompute, TokenSplit, Workload, block_activations, dit_parameters
 from .encoders import BertShape, StepLLMShape, VAEShape
-from .plan import GIB, Fit, Layout, MemoryPlan, RawVideo, Training, fitting_layouts, layout_problems, plan_memory
+from .plan import (GIB, Fit, Layout, MemoryPlan, RawVideo, Sampling, SamplingPlan, Training, fitting_layouts,
+                   layout_problems, plan_memory, plan_sampling)
 
-__all__ = ["BertShape", "DiTShape", "Fit", "GIB", "Layout", "MemoryPlan", "RawVideo", "Recompute", "StepLLMShape",
+__all__ = ["BertShape", "DiTShape", "Fit", "GIB", "Layout", "MemoryPlan", "RawVideo", "Recompute", "Sampling",
+           "SamplingPlan", "StepLLMShape",
            "TokenSplit", "Training", "VAEShape", "Workload", "block_activations", "dit_parameters", "fitting_layouts",
-           "layout_problems", "plan_memory"]
+           "layout_problems", "plan_memory", "plan_sampling"]

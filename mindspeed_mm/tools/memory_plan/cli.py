@@ -11,6 +11,9 @@ Every flag of the launchers is accepted (the same parser); the ones that do not 
 file the JSONs name has to exist (the weights' config files are read when they are there, for the encoders' sizes).
 The sequence's split is the launchers': --sequence-parallel, --context-parallel-algo, --ulysses-degree-in-cp (as
 `arguments.sequence_options` reads them), and the model JSON's enable_encoder_dp.
+
+With --inference (automatic for an inference JSON, one with pipeline_config, given without --mm-data) it plans
+sampling instead: the peak of encoding the prompts, sampling and decoding, per rank (`plan.plan_sampling`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from ...config.aliases import collect_notices
 from ...errors import MindSpeedMMError
 from .dit import DiTShape, Recompute, Workload
 from .encoders import RELEASED_VAE_PARAMETERS, BertShape, StepLLMShape, VAEShape
-from .plan import (CP_ALGOS, GIB, Layout, RawVideo, Training, fitting_layouts, layout_problems, plan_memory,
-                   smallest_peak)
+from .plan import (CP_ALGOS, GIB, Layout, RawVideo, Sampling, SamplingPlan, Training, fitting_layouts,
+                   layout_problems, plan_memory, plan_sampling, smallest_peak)
 
 DEFAULT_MARGIN = 0.10
 # The released Video-VAE's widths (AEConfig defaults); other widths are counted on a meta-device build.
@@ -45,7 +48,8 @@ class MemoryPlanError(MindSpeedMMError, ValueError):
 
 def build_planner_parser() -> argparse.ArgumentParser:
     parser = build_parser(prog="python -m mindspeed_mm.tools.memory_plan")
-    parser.description = "Peak device memory per rank of a StepVideo training step, and the layouts that fit."
+    parser.description = ("Peak device memory per rank of a StepVideo training step, and the layouts that fit; with "
+                          "--inference, of sampling.")
     g = parser.add_argument_group("memory planner")
     g.add_argument("--world-size", type=int, default=None,
                    help="ranks in the job (default: --nnodes x --nproc-per-node, else TP x CP)")
@@ -57,8 +61,13 @@ def build_planner_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-margin", type=float, default=DEFAULT_MARGIN,
                    help="fraction of the device memory kept free for what the model leaves out (allocator "
                         "fragmentation, communication buffers, workspaces); default 0.10")
-    g.add_argument("--entry", dest="plan_entry", choices=("auto", "pretrain", "dpo"), default="auto",
-                   help="what is trained: auto = dpo when the model JSON has a 'dpo' section")
+    g.add_argument("--entry", dest="plan_entry", choices=("auto", "pretrain", "dpo", "inference"), default="auto",
+                   help="what runs: auto = dpo when the model JSON has a 'dpo' section, inference when it has a "
+                        "'pipeline_config' section and no --mm-data is given, else pretrain")
+    g.add_argument("--inference", action="store_true",
+                   help="plan sampling (inference_sora.py) from the inference JSON: the peak of encoding the prompts, "
+                        "sampling and decoding (--use-cfg-parallel: each half of classifier-free guidance on its own "
+                        "model copy)")
     g.add_argument("--num-frames", type=int, default=None, help="override the data JSON's num_frames")
     g.add_argument("--max-height", type=int, default=None, help="override the data JSON's max_height")
     g.add_argument("--max-width", type=int, default=None, help="override the data JSON's max_width")
@@ -194,8 +203,8 @@ def _encoder_shape(cfg, shape_cls, name: str):
     return shape, f"{name}: {shape.parameters():,} parameters ({source}), {cfg.dtype}"
 
 
-def plan_inputs(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, PlanInputs]:
-    """Parse the flags and JSON files into the planner's inputs (no file the JSONs name has to exist)."""
+def parse_planner_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags and the JSON files they name, checked as the launchers check them."""
     parser = build_planner_parser()
     args, unknown = parser.parse_known_args(argv)
     _reject_unknown(parser, unknown)
@@ -206,6 +215,23 @@ def plan_inputs(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
     model = args.mm.model
     if model is None or model.predictor is None:
         raise MemoryPlanError("--mm-model is needed, with a 'predictor' section (the DiT's shape).")
+    return args
+
+
+def is_inference(args: argparse.Namespace) -> bool:
+    """--inference or --entry inference; with --entry auto, an inference JSON (a pipeline_config section) given
+    without --mm-data (training always has a data JSON)."""
+    if args.inference or args.plan_entry == "inference":
+        return True
+    return args.plan_entry == "auto" and args.mm.model.pipeline_config is not None and args.mm_data is None
+
+
+def plan_inputs(argv: Optional[Sequence[str]] = None,
+                args: Optional[argparse.Namespace] = None) -> Tuple[argparse.Namespace, PlanInputs]:
+    """Parse the flags and JSON files into the planner's inputs (no file the JSONs name has to exist)."""
+    if args is None:
+        args = parse_planner_args(argv)
+    model = args.mm.model
     if args.context_parallel_algo not in CP_ALGOS:
         raise MemoryPlanError(f"--context-parallel-algo {args.context_parallel_algo}: one of {', '.join(CP_ALGOS)}.")
     if args.pipeline_model_parallel_size != 1:
@@ -275,10 +301,127 @@ def plan_inputs(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
                             entry=entry, notes=notes)
 
 
+@dataclass
+class SamplingInputs:
+    shape: DiTShape
+    workload: Workload  # videos per batch; the DiT's batch is sampling.dit_batch
+    layout: Layout
+    sampling: Sampling
+    guidance_scale: float
+    world: int  # ranks the layout needs: TP x CP, twice that with CFG parallel
+    video: Tuple[int, int, int]
+    origins: Tuple[str, str, str]
+    notes: List[str]
+    device_memory_gb: Optional[float] = None
+    memory_margin: float = DEFAULT_MARGIN
+
+
+def _sampling_video(args) -> Tuple[Tuple[int, int, int], Tuple[str, str, str]]:
+    """(frames, height, width) from --num-frames / --max-height / --max-width, else pipeline_config.input_size."""
+    from ...config.model import PipelineConfig  # loaded with the JSON already
+
+    pipeline = args.mm.model.pipeline_config or PipelineConfig()
+    values, origins = [], []
+    for i, key in enumerate(("num_frames", "max_height", "max_width")):
+        flag = "--" + key.replace("_", "-")
+        value, origin = getattr(args, key), flag
+        if value is None:
+            value, origin = pipeline.input_size[i], f"{args.mm_model}: pipeline_config.input_size[{i}]"
+        if value <= 0:
+            raise MemoryPlanError(f"{origin} {value} must be positive.")
+        values.append(int(value))
+        origins.append(origin)
+    return tuple(values), tuple(origins)
+
+
+def sampling_plan(args) -> Tuple[SamplingInputs, SamplingPlan]:
+    """The inference JSON and the flags into the sampling plan of the flags' layout."""
+    model = args.mm.model
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--context-parallel-size", cp)):
+        if value < 1:
+            raise MemoryPlanError(f"{flag} {value} must be at least 1.")
+    if args.context_parallel_algo not in CP_ALGOS:
+        raise MemoryPlanError(f"--context-parallel-algo {args.context_parallel_algo}: one of {', '.join(CP_ALGOS)}.")
+    if model.ae is None:
+        raise MemoryPlanError(f"{args.mm_model}: the 'ae' section is needed (the VAE decodes the videos).")
+    options = sequence_options(args)
+    ulysses = options.ulysses_size(cp)
+    given = args.ulysses_degree_in_cp
+    if args.context_parallel_algo == "hybrid_cp_algo" and (given is None or given < 1 or cp % given):
+        raise MemoryPlanError(f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp, a divisor of "
+                              f"--context-parallel-size {cp} (got {args.ulysses_degree_in_cp}).")
+    from ...config.model import PipelineConfig
+
+    notes: List[str] = []
+    # As arguments.py: an explicit --micro-batch-size wins over the JSON's micro_batch_size.
+    videos = args.micro_batch_size or model.micro_batch_size or 1
+    if videos < 1:
+        raise MemoryPlanError(f"--micro-batch-size {videos} must be at least 1.")
+    pipeline = model.pipeline_config or PipelineConfig()
+    if model.pipeline_config is None:
+        notes.append(f"{args.mm_model} has no pipeline_config: its defaults are used (input_size "
+                     f"{pipeline.input_size}, guidance_scale {pipeline.guidance_scale})")
+    video, origins = _sampling_video(args)
+    ae = model.ae
+    vae = VAEShape(version=ae.version, frame_len=ae.frame_len)
+    problem = vae.frames_problem(video[0])
+    if problem:
+        raise MemoryPlanError(f"{origins[0]}: {problem}; choose a frame count the Video-VAE accepts.")
+    problem = vae.size_problem(video[1], video[2])
+    if problem:
+        raise MemoryPlanError(f"{origins[1]} / {origins[2]}: {problem}; choose a size the Video-VAE accepts.")
+    guided = pipeline.guidance_scale > 1.0
+    cfg_parallel = bool(args.use_cfg_parallel) and guided
+    if args.use_cfg_parallel and not guided:
+        notes.append(f"--use-cfg-parallel has no effect with guidance_scale {pipeline.guidance_scale} (no "
+                     f"unconditional half)")
+    dit_bytes = _dtype_bytes(model.predictor.dtype)
+    if (args.bf16 or args.fp16) and dit_bytes != 2:
+        notes.append(f"the DiT runs in predictor.dtype ({model.predictor.dtype}), whatever --bf16 / --fp16 say")
+    vae_parameters, source = _vae_parameters(ae)
+    notes.append(f"Video-VAE: {vae_parameters:,} parameters ({source}), {ae.dtype}")
+    fields = {}
+    encoders = {enc.model_id: enc for enc in (model.text_encoder or [])}
+    for model_id, shape_cls, name, key in (("StepLLmModel", StepLLMShape, "step_llm", "step_llm"),
+                                           ("BertModel", BertShape, "HunyuanCLIP", "clip")):
+        cfg = encoders.get(model_id)
+        if cfg is not None:
+            shape, note = _encoder_shape(cfg, shape_cls, name)
+            notes.append(note)
+            fields.update({key: shape, f"{key}_bytes": _dtype_bytes(cfg.dtype)})
+    run = Sampling(videos=videos, num_frames=video[0], height=video[1], width=video[2], dit_bytes=dit_bytes,
+                   guided=guided, cfg_parallel=cfg_parallel, unload_text_encoder=bool(model.unload_text_encoder),
+                   vae=vae, vae_parameters=vae_parameters, vae_bytes=_dtype_bytes(ae.dtype),
+                   vae_tile=ae.tile_sample_size if ae.use_tiling else None, **fields)
+    latent_h, latent_w = vae.latent_size(video[1], video[2])
+    llm_tokens, clip_tokens = _token_lengths(args)
+    workload = Workload(batch=videos, latent_frames=vae.latent_frames(video[0]), latent_height=latent_h,
+                        latent_width=latent_w, llm_tokens=llm_tokens, clip_tokens=clip_tokens)
+    if args.sequence_parallel and tp == 1:
+        notes.append("--sequence-parallel has no effect with --tensor-model-parallel-size 1")
+    layout = Layout(tp, cp, 2 if cfg_parallel else 1, sequence_parallel=options.sequence_parallel,
+                    cp_algo=options.context_parallel_algo,
+                    ulysses_degree=ulysses if options.context_parallel_algo == "hybrid_cp_algo" else None)
+    shape = DiTShape.from_config(model.predictor)
+    plan = plan_sampling(shape, workload, layout, run)
+    inputs = SamplingInputs(shape=shape, workload=workload, layout=layout, sampling=run,
+                            guidance_scale=pipeline.guidance_scale, world=layout.world, video=video, origins=origins,
+                            notes=notes, device_memory_gb=args.device_memory_gb, memory_margin=args.memory_margin)
+    return inputs, plan
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .report import format_fits, format_plan
 
-    args, inputs = plan_inputs(argv)
+    args = parse_planner_args(argv)
+    if is_inference(args):
+        from .report import format_sampling
+
+        inputs, plan = sampling_plan(args)
+        print(format_sampling(inputs, plan))
+        return 0
+    args, inputs = plan_inputs(args=args)
     plan = None
     if inputs.layout is not None:
         plan = plan_memory(inputs.shape, inputs.workload, inputs.layout, inputs.training, inputs.raw)

@@ -414,3 +414,65 @@ def forward_working_bytes(shape: DiTShape, workload: Workload, tp: int, cp: int,
     s_stream = workload.batch * split.stream_tokens(tokens)
     ffn = (a * s * d if split.sp else 0) + 2 * a * s * (4 * d // tp)
     return 3 * a * s_stream * d + max(ffn, ring_attention_transient_bytes(shape, workload, split, a))
+
+
+# --- sampling (inference): a forward without autograd --------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingForward:
+    """The DiT's forward without autograd on one rank while sampling, in bytes: nothing is kept for a backward, so
+    the peak is the largest moment of one block (or of the patch embedding) on top of what every block shares."""
+
+    shared: int  # RoPE tables, text states and modulation, alive through all blocks
+    patch_embedding: int  # the whole sequence's tokens before the CP / SP split (no block runs yet)
+    self_attention: int  # residual stream + the block's worst self-attention moment
+    feed_forward: int  # residual stream + the FFN's hidden before and after the GELU
+
+    @property
+    def block(self) -> int:
+        return max(self.self_attention, self.feed_forward)
+
+    @property
+    def peak(self) -> int:
+        return max(self.patch_embedding, self.shared + self.block)
+
+
+def sampling_forward(shape: DiTShape, workload: Workload, tp: int, cp: int, a: int, *,
+                     sequence_parallel: bool = False, ulysses: Optional[int] = None) -> SamplingForward:
+    """The moments of `StepVideoDiT.forward` under `torch.no_grad()` (layers.py, model.py), per rank, with s, s', Dl
+    and Fl as in the module docstring (s counts the DiT's whole batch: 2 x videos with classifier-free guidance).
+
+    Each block moment holds the residual stream x and the modulated input h (2a s' D; with sequence parallel the
+    column-parallel linear's all-gathered input, a s D, too), then the largest of:
+      - the k RMSNorm: the qkv output (3a s Dl), the normed q (a), k's float32 copy (c) and float32 result (4) and
+        its cast (a; none in fp32): nothing autograd frees early, the locals live until the forward returns;
+      - the attention core: qkv (v is a view of it) and q, k after RoPE (5a + a: 6a s Dl), with Ulysses (u > 1) also
+        the exchanged q, k, v and output (4a s Dl), with a ring its K/V buffers and score block in flight;
+      - the output projection: the same 6a s Dl plus its (s, D) result before the TP all-reduce / reduce-scatter;
+      - the FFN: its hidden before and after the GELU (2a s Fl).
+    Cross-attention's moments (q and its output, 2a s Dl, and the text-sized key side) are below the
+    self-attention's and not counted. The patch embedding runs on every rank over the whole sequence: the conv's
+    output and its token-major copy (2a b S D; with padding the padded copy replaces one), before the split.
+    """
+    split = TokenSplit(tp, cp, sequence_parallel, ulysses)
+    d = shape.hidden
+    tokens = workload.tokens(shape.patch_size)
+    b = workload.batch
+    s, s_stream = b * split.rank_tokens(tokens), b * split.stream_tokens(tokens)
+    dl, fl = d // tp, 4 * d // tp
+    c = _rmsnorm_copy(a)
+    stream = 2 * a * s_stream * d + (a * s * d if split.sp else 0)
+    cast = a if a < FP32 else 0
+    rmsnorm = (4 * a + c + FP32 + cast) * s * dl
+    exchanged = 4 * a * s * dl if split.ulysses_degree > 1 else 0
+    core = 6 * a * s * dl + exchanged + ring_attention_transient_bytes(shape, workload, split, a)
+    projection = 6 * a * s * dl + a * s * d
+    outside = outside_block_activations(shape, workload, cp, a, tp=tp, sequence_parallel=sequence_parallel)
+    shared = outside["shared by the blocks (RoPE, text, modulation)"]
+    c_in = shape.in_channels * (2 if shape.i2v else 1)
+    padded = split.padded_tokens(tokens)
+    patch = a * b * (c_in * tokens + d * (tokens + padded))
+    return SamplingForward(shared=shared, patch_embedding=patch,
+                           self_attention=stream + max(rmsnorm, core, projection),
+                           feed_forward=stream + 2 * a * s * fl)

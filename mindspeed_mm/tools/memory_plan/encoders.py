@@ -70,6 +70,30 @@ def vae_encode_working_bytes(vae: VAEShape, batch: int, height: int, width: int,
     return int(VAE_ENCODE_BYTES_PER_PIXEL_FP32 * batch * vae.frame_len * area * element_bytes / 4)
 
 
+# Decoding one 17-frame chunk (the VAE decodes chunk by chunk without autograd), float32, above the weights.
+# Untiled: docs/performance.md (Video-VAE) extrapolates 23.7 GiB for a 17 x 544 x 992 chunk from CPU RSS measured at
+# up to 17 x 256 x 256 (2.88 GiB there) with the lower-bound settings; it scales with the frame's pixels.
+VAE_DECODE_BYTES_PER_PIXEL_FP32 = 23.7 * 2**30 / (17 * 544 * 992)
+# Tiled with the default 256/64-px window: the review's measurement at real size (17 x 544 x 992, float32, the
+# defaults), about 4.1 GiB above the weights (docs/performance.md, Video-VAE). Tiles bound it, so it does not grow
+# with the frame; other tile sizes are scaled by the tile's area.
+VAE_DECODE_TILED_BYTES_FP32 = 4.1 * 2**30
+VAE_DECODE_MEASURED_TILE = 256
+
+
+def vae_decode_working_bytes(vae: VAEShape, batch: int, height: int, width: int, element_bytes: int,
+                             tile: Optional[int] = None) -> int:
+    """Working memory of decoding one chunk, an estimate from float32 CPU figures scaled by the element size (half in
+    bf16; convolution workspaces on accelerators differ). With spatial tiling, the measured tiled figure for a
+    256-px tile (scaled by the tile's area), or the untiled one when the frame is smaller."""
+    untiled = VAE_DECODE_BYTES_PER_PIXEL_FP32 * batch * vae.frame_len * height * width
+    if tile is not None:
+        tile_area = min(tile, height) * min(tile, width)
+        tiled = VAE_DECODE_TILED_BYTES_FP32 * batch * tile_area / VAE_DECODE_MEASURED_TILE ** 2
+        untiled = min(untiled, tiled)
+    return int(untiled * element_bytes / 4)
+
+
 # --- text encoders --------------------------------------------------------------------------
 
 

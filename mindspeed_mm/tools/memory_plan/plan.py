@@ -26,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
-from .dit import (ActivationPeak, DiTShape, Recompute, TokenSplit, Workload, activation_peak, block_parameters,
-                  dit_parameters, forward_working_bytes)
-from .encoders import BertShape, StepLLMShape, VAEShape, vae_encode_working_bytes
+from .dit import (FP32, ActivationPeak, DiTShape, Recompute, SamplingForward, TokenSplit, Workload, activation_peak,
+                  block_parameters, dit_parameters, forward_working_bytes, sampling_forward)
+from .encoders import BertShape, StepLLMShape, VAEShape, vae_decode_working_bytes, vae_encode_working_bytes
 
 GIB = 2**30
 
@@ -413,3 +413,158 @@ def smallest_peak(shape: DiTShape, workload: Workload, world: int, training: Tra
         if best is None or plan.peak < best.peak:
             best = plan
     return best
+
+
+# --- sampling (inference) -------------------------------------------------------------------
+
+# Prompts per text-encoder call (mindspeed_mm/inference/runner.py's TEXT_ENCODER_BATCH; not imported: it imports
+# torch). The negative prompt is encoded with them.
+TEXT_ENCODER_BATCH = 8
+ENCODE_TEXT, SAMPLE, DECODE = "encode text", "sample", "decode"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What inference_sora.py runs, from the inference JSON and the flags."""
+
+    videos: int = 1  # videos per batch (the micro-batch)
+    num_frames: int = 204
+    height: int = 544
+    width: int = 992
+    dit_bytes: int = 2  # predictor.dtype
+    guided: bool = True  # guidance_scale > 1: a conditional and an unconditional half
+    cfg_parallel: bool = False  # --use-cfg-parallel: each half on its own model copy
+    unload_text_encoder: bool = False
+    vae: VAEShape = VAEShape()
+    vae_parameters: int = 0
+    vae_bytes: int = 2
+    vae_tile: Optional[int] = None  # ae.tile_sample_size with use_tiling, else None
+    step_llm: Optional[StepLLMShape] = None
+    step_llm_bytes: int = 2
+    clip: Optional[BertShape] = None
+    clip_bytes: int = 4
+
+    @property
+    def dit_batch(self) -> int:
+        """Samples in one DiT forward: both halves together, unless CFG parallel gives each its own copy."""
+        return self.videos * (2 if self.guided and not self.cfg_parallel else 1)
+
+
+@dataclass
+class SamplingPlan:
+    """Per-rank device memory of each inference phase, term by term, in bytes; `problems` instead when the layout
+    cannot run."""
+
+    layout: Layout
+    shape: DiTShape
+    workload: Workload  # the DiT's batch (dit_batch samples)
+    sampling: Sampling
+    problems: List[str] = field(default_factory=list)
+    parameters_rank: int = 0
+    forward: Optional[SamplingForward] = None
+    decode_moments: Dict[str, int] = field(default_factory=dict)
+    phases: Dict[str, Dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+    def phase_total(self, name: str) -> int:
+        return sum(self.phases[name].values())
+
+    @property
+    def peak_phase(self) -> Optional[str]:
+        return max(self.phases, key=self.phase_total) if self.valid else None
+
+    @property
+    def peak(self) -> Optional[int]:
+        return self.phase_total(self.peak_phase) if self.valid else None
+
+
+def _text_encoder_weights(run: Sampling) -> Dict[str, int]:
+    out = {}
+    if run.step_llm is not None:
+        out["step_llm weights"] = run.step_llm.parameters() * run.step_llm_bytes
+    if run.clip is not None:
+        out["HunyuanCLIP weights"] = run.clip.parameters() * run.clip_bytes
+    return out
+
+
+def decode_moments(run: Sampling, layout: Layout, latent_frames: int) -> Dict[str, int]:
+    """The decode's moments beyond the weights and latents (StepVideoVAE.decode, then to_uint8), in bytes.
+
+    Without a decode group (TP x CP = 1) the video (b, T, 3, H, W) is written chunk by chunk into one buffer while
+    each chunk decodes; with one, each rank decodes its share of the chunks into a buffer of per-rank x 17 frames,
+    all-gathers every rank's buffer and concatenates them into the video. to_uint8 then holds two float32 copies of
+    the video at once (float(), clamp, + 1) besides it."""
+    vae, a = run.vae, run.vae_bytes
+    frame = run.videos * 3 * run.height * run.width
+    chunks = -(-latent_frames // vae.latent_len)
+    group = layout.tp * layout.cp
+    per_rank = -(-chunks // group)
+    buffer_frames = run.num_frames if group == 1 else per_rank * vae.frame_len
+    working = vae_decode_working_bytes(vae, run.videos, run.height, run.width, a, run.vae_tile)
+    tiling = f"tiled {run.vae_tile} px" if run.vae_tile else "untiled"
+    moments = {f"a chunk ({tiling}, estimate) + output buffer": frame * a * buffer_frames + working}
+    if group > 1:
+        moments["gathering the ranks' chunks"] = frame * a * (group * per_rank * vae.frame_len
+                                                                             + run.num_frames)
+    moments["uint8 conversion (video + 2 float32 copies)"] = frame * run.num_frames * (a + 2 * FP32)
+    return moments
+
+
+def plan_sampling(shape: DiTShape, workload: Workload, layout: Layout, run: Sampling) -> SamplingPlan:
+    """Peak device memory per rank of inference (`inference_sora.py`), phase by phase; the phases run one after the
+    other on every rank:
+
+      encode text  the text encoders' weights and one call's forward (TEXT_ENCODER_BATCH prompts); the DiT is
+                   not loaded yet (runner.encode_plan_prompts runs before build_pipeline)
+      sample       the DiT's weights (/ TP where split), the VAE's, the text encoders' unless unload_text_encoder
+                   moved them to the host, the latents and text conditions, and one forward without autograd
+      decode       the same weights, the decoded video's buffers and one chunk's decode (the conditional half's
+                   ranks decode under CFG parallel; the VAE splits the chunks over the TP x CP group)
+
+    `workload.batch` is the videos per batch; the DiT runs `run.dit_batch` samples."""
+    dit_work = replace(workload, batch=run.dit_batch)
+    plan = SamplingPlan(layout=layout, shape=shape, workload=dit_work, sampling=run)
+    plan.problems = layout_problems(shape, workload, layout)
+    if plan.problems:
+        return plan
+    a = run.dit_bytes
+    plan.parameters_rank = dit_parameters(shape).per_rank(layout.tp)
+    encoders = _text_encoder_weights(run)
+    working = [0]
+    if run.step_llm is not None:
+        working.append(run.step_llm.forward_working_bytes(TEXT_ENCODER_BATCH, workload.llm_tokens,
+                                                          run.step_llm_bytes))
+    if run.clip is not None:
+        working.append(run.clip.forward_working_bytes(TEXT_ENCODER_BATCH, workload.clip_tokens, run.clip_bytes))
+    plan.phases[ENCODE_TEXT] = {**encoders, "text encoder forward (one call)": max(working)}
+
+    weights = {f"DiT weights ({'fp32' if a == 4 else 'bf16/fp16'}, / TP {layout.tp} where split)":
+               plan.parameters_rank * a}
+    if run.vae_parameters:
+        weights["Video-VAE weights"] = run.vae_parameters * run.vae_bytes
+    if not run.unload_text_encoder:
+        weights.update({f"{name} (kept: unload_text_encoder false)": value for name, value in encoders.items()})
+
+    latent = shape.in_channels * workload.latent_frames * workload.latent_height * workload.latent_width
+    llm_channels, clip_channels = shape.caption_channels
+    # float32 latents, velocity after guidance and the next step's latents; the DiT's input, its i2v condition and
+    # its output in the DiT's dtype; the text conditions (both halves, as the encoders gave them).
+    inputs = (FP32 * run.videos * latent * 3 + a * dit_work.batch * latent * (3 if shape.i2v else 2)
+              + 2 * run.videos * (workload.llm_tokens * llm_channels * run.step_llm_bytes
+                                  + workload.clip_tokens * clip_channels * run.clip_bytes))
+    plan.forward = sampling_forward(shape, dit_work, layout.tp, layout.cp, a, sequence_parallel=layout.sp,
+                                    ulysses=layout.ulysses)
+    forward = plan.forward
+    moment = ("patch embedding" if forward.patch_embedding > forward.shared + forward.block else
+              f"a block's {'FFN' if forward.feed_forward >= forward.self_attention else 'self-attention'} + shared")
+    plan.phases[SAMPLE] = {**weights, "latents and text conditions": inputs,
+                           f"DiT forward, no autograd ({moment})": forward.peak}
+
+    plan.decode_moments = decode_moments(run, layout, workload.latent_frames)
+    name = max(plan.decode_moments, key=plan.decode_moments.get)
+    plan.phases[DECODE] = {**weights, "latents": FP32 * run.videos * latent,
+                           f"VAE decode: {name}": plan.decode_moments[name]}
+    return plan

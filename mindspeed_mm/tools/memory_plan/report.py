@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .plan import GIB, Fit, MemoryPlan
+from .dit import dit_parameters
+from .plan import _ALGO_NAMES, GIB, Fit, MemoryPlan
 
 BLOCK_FORMULA = (
     "kept by one block (bytes), a = bytes per activation element, c = 4 if a < 4 else 0 (the q/k RMSNorm's float32\n"
@@ -166,3 +167,77 @@ def format_fits(inputs, fits: List[Fit], capacity_gib: float, margin: float, clo
                  "ulysses_cp_algo, ring = megatron_cp_algo, hybrid uN = hybrid_cp_algo --ulysses-degree-in-cp N; "
                  "+SP = --sequence-parallel)")
     return "\n".join(lines)
+
+
+def format_sampling(inputs, plan) -> str:
+    """The sampling plan (`cli.sampling_plan`): the settings, each phase term by term, and the peak."""
+    shape, work, run, lay = inputs.shape, inputs.workload, inputs.sampling, inputs.layout
+    frames, height, width = inputs.video
+    tokens = work.tokens(shape.patch_size)
+    vae = run.vae
+    kind = "i2v" if shape.i2v else "t2v"
+    dtype = "fp32" if run.dit_bytes == 4 else "bf16/fp16"
+    if not run.guided:
+        cfg = f"no classifier-free guidance (guidance_scale {inputs.guidance_scale:g}): {run.videos} sample(s)"
+    elif run.cfg_parallel:
+        cfg = (f"guidance_scale {inputs.guidance_scale:g}, CFG parallel: each model copy runs one half, "
+               f"{run.dit_batch} sample(s) a forward")
+    else:
+        cfg = (f"guidance_scale {inputs.guidance_scale:g}: conditional and unconditional halves together, "
+               f"{run.dit_batch} samples a forward")
+    lines = [
+        f"StepVideo memory plan, per rank: {kind} sampling (inference), DiT in {dtype}",
+        f"  DiT: {shape.num_layers} layers, hidden {shape.hidden} ({shape.num_heads} heads x {shape.head_dim}), "
+        f"patch {shape.patch_size}",
+        f"  video: {frames} frames {height}x{width} -> {work.latent_frames} latent frames x {work.latent_height} x "
+        f"{work.latent_width} = {tokens:,} tokens per sample (VAE v{vae.version}: {vae.frame_len} frames -> "
+        f"{vae.latent_len} latents, {vae.spatial_factor}x{vae.spatial_factor} pixels -> 1)",
+        f"  {run.videos} video(s) per batch; {cfg}",
+        f"  text: up to {work.text_tokens} keys (CLIP {work.clip_tokens} + step_llm {work.llm_tokens})",
+        "  unload_text_encoder true: the text encoders leave the device before the DiT loads" if run.unload_text_encoder
+        else "  unload_text_encoder false: the text encoders stay on the device through sampling and decoding",
+    ]
+    lines += [f"  {note}" for note in inputs.notes]
+    copies = " x 2 model copies (CFG parallel)" if run.cfg_parallel else ""
+    layout = f"TP {lay.tp} x CP {lay.cp}" + (f" ({_ALGO_NAMES[lay.cp_algo]})" if lay.cp > 1 else "")
+    layout += (", sequence parallel" if lay.sp else "") + copies
+    if not plan.valid:
+        lines.append(f"  layout: {layout}: invalid, no estimate:")
+        lines += [f"    - {p}" for p in plan.problems]
+        return "\n".join(lines)
+    lines.append(f"  layout: {layout} = {inputs.world} rank(s); DiT parameters on this rank: "
+                 f"{plan.parameters_rank:,} of {dit_parameters(shape).total:,}")
+    lines += _split_lines_for(lay, shape, plan.workload)
+    forward = plan.forward
+    for phase, terms in plan.phases.items():
+        lines.append("")
+        lines.append(f"  {'phase: ' + phase:<66} {'GiB':>9}")
+        lines += _rows(terms.items())
+        lines += _rows([(f"= {phase}", plan.phase_total(phase))])
+    lines.append("")
+    lines.append(f"  {'the DiT forward without autograd, its moments (nothing kept for backward)':<66} {'GiB':>9}")
+    lines += _rows([
+        ("shared by the blocks (RoPE, text, modulation)", forward.shared),
+        ("one block: residual stream + self-attention's worst moment", forward.self_attention),
+        ("one block: residual stream + FFN hidden before and after GELU", forward.feed_forward),
+        ("patch embedding (whole sequence, before the split)", forward.patch_embedding),
+    ])
+    lines.append("")
+    lines.append(f"  {'VAE decode, its moments beyond weights and latents':<66} {'GiB':>9}")
+    lines += _rows(plan.decode_moments.items())
+    lines.append("  (the chunk's decode is an estimate from float32 CPU figures, halved in bf16: docs/performance.md, "
+                 "Video-VAE)")
+    lines.append("")
+    lines.append(f"  peak: {_gib(plan.peak)} GiB in the {plan.peak_phase} phase ("
+                 + ", ".join(f"{name} {_gib(plan.phase_total(name))}" for name in plan.phases) + ")")
+    if inputs.device_memory_gb is not None:
+        budget = inputs.device_memory_gb * (1 - inputs.memory_margin)
+        verdict = "fits" if plan.peak <= budget * GIB else "does not fit"
+        lines.append(f"  {verdict} {inputs.device_memory_gb:g} GB per device (peak <= {budget:.1f} GiB: "
+                     f"{inputs.memory_margin:.0%} kept free for what the model leaves out)")
+    return "\n".join(lines)
+
+
+def _split_lines_for(layout, shape, workload) -> List[str]:
+    """`_split_lines` for a layout and workload without a training plan."""
+    return _split_lines(MemoryPlan(layout=layout, shape=shape, workload=workload))
