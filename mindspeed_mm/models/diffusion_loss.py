@@ -97,6 +97,8 @@ class DiffusionLossModel(MegatronModule):
         self.i2v_processor = StepVideoI2VProcessor() if i2v else None
         self.enable_encoder_dp = enable_encoder_dp
         self.encoder_group = encoder_group
+        if caption_dropout > 0 and empty_prompt is None:
+            self.empty_prompt_states()  # encode "" now, once per rank, not at whichever step first drops a caption
 
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
         # The checkpoint holds the DiT under its own names (no "predictor." prefix), as MindSpeed-MM does; with LoRA

@@ -171,9 +171,10 @@ def case_tp2_pretrain_with_encoder_dp_logs_the_same_losses_and_grad_norms():
     off, on = _metrics(root / "save_off"), _metrics(root / "save_on")
     for it in (1, 2):
         assert (on[it]["loss"], on[it]["grad_norm"]) == (off[it]["loss"], off[it]["grad_norm"]), (it, on[it], off[it])
-    # 2 iterations x 2 micro-batches of one i2v sample: the video and its first frame each
-    assert counts["off"] == {"vae": 8, "llm": 4}, counts
-    assert counts["on"] == {"vae": 4, "llm": 2}, counts
+    # 2 iterations x 2 micro-batches of one i2v sample: the video and its first frame each; plus one Step-LLM call
+    # per rank at build time, the empty prompt of caption dropout (preprocess_parameters.cfg, 0.1 by default)
+    assert counts["off"] == {"vae": 8, "llm": 4 + 1}, counts
+    assert counts["on"] == {"vae": 4, "llm": 2 + 1}, counts
     dist.barrier()
 
 
