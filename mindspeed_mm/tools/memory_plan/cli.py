@@ -103,25 +103,38 @@ def _world_size(args) -> int:
     return args.tensor_model_parallel_size * args.context_parallel_size
 
 
-def _video_size(args) -> Tuple[Tuple[int, int, int], Tuple[str, str, str]]:
-    """(num_frames, max_height, max_width) and where each came from: the flag, else the data JSON."""
-    data = args.mm.data
-    pre = data.dataset_param.preprocess_parameters if data is not None else None
+_SIZE_KEYS = ("num_frames", "max_height", "max_width")
+
+
+def _sizes(args, fallback) -> Tuple[Tuple[int, int, int], Tuple[str, str, str]]:
+    """(frames, height, width) and where each came from: --num-frames / --max-height / --max-width, else
+    `fallback(i, key, flag) -> (value, origin)`."""
     values, origins = [], []
-    for key in ("num_frames", "max_height", "max_width"):
+    for i, key in enumerate(_SIZE_KEYS):
         flag = "--" + key.replace("_", "-")
         value, origin = getattr(args, key), flag
-        if value is None and pre is not None:
-            value, origin = getattr(pre, key), f"{args.mm_data}: dataset_param.preprocess_parameters.{key}"
         if value is None:
-            where = (f"{args.mm_data}: dataset_param.preprocess_parameters.{key}" if data is not None
-                     else "--mm-data (the dataset JSON)")
-            raise MemoryPlanError(f"the video size is unknown: {where} is missing; set it or pass {flag}.")
+            value, origin = fallback(i, key, flag)
         if value <= 0:
             raise MemoryPlanError(f"{origin} {value} must be positive.")
         values.append(int(value))
         origins.append(origin)
     return tuple(values), tuple(origins)
+
+
+def _video_size(args) -> Tuple[Tuple[int, int, int], Tuple[str, str, str]]:
+    """(num_frames, max_height, max_width) and where each came from: the flag, else the data JSON."""
+    data = args.mm.data
+    pre = data.dataset_param.preprocess_parameters if data is not None else None
+
+    def from_data(i, key, flag):
+        if pre is None or getattr(pre, key) is None:
+            where = (f"{args.mm_data}: dataset_param.preprocess_parameters.{key}" if data is not None
+                     else "--mm-data (the dataset JSON)")
+            raise MemoryPlanError(f"the video size is unknown: {where} is missing; set it or pass {flag}.")
+        return getattr(pre, key), f"{args.mm_data}: dataset_param.preprocess_parameters.{key}"
+
+    return _sizes(args, from_data)
 
 
 def _token_lengths(args) -> Tuple[int, int]:
@@ -321,17 +334,8 @@ def _sampling_video(args) -> Tuple[Tuple[int, int, int], Tuple[str, str, str]]:
     from ...config.model import PipelineConfig  # loaded with the JSON already
 
     pipeline = args.mm.model.pipeline_config or PipelineConfig()
-    values, origins = [], []
-    for i, key in enumerate(("num_frames", "max_height", "max_width")):
-        flag = "--" + key.replace("_", "-")
-        value, origin = getattr(args, key), flag
-        if value is None:
-            value, origin = pipeline.input_size[i], f"{args.mm_model}: pipeline_config.input_size[{i}]"
-        if value <= 0:
-            raise MemoryPlanError(f"{origin} {value} must be positive.")
-        values.append(int(value))
-        origins.append(origin)
-    return tuple(values), tuple(origins)
+    return _sizes(args, lambda i, key, flag: (pipeline.input_size[i],
+                                              f"{args.mm_model}: pipeline_config.input_size[{i}]"))
 
 
 def sampling_plan(args) -> Tuple[SamplingInputs, SamplingPlan]:
