@@ -124,6 +124,10 @@ def trained(tmp_path_factory):
         paths = write_training_configs(root / f"w{p}")
         _two_class_features(paths)
         _set_cfg(paths, p)
+        # Unshifted noise levels: this test isolates caption dropout (train_shift has its own benchmark).
+        model = json.loads(paths["model"].read_text())
+        model["diffusion"]["train_shift"] = None
+        paths["model"].write_text(json.dumps(model))
         argv = train_argv(paths, root / f"save{p}", iters=ITERS, gbs=4,
                           extra=["--save-interval", str(ITERS), "--log-interval", str(ITERS)])
         argv[argv.index("--lr") + 1] = argv[argv.index("--min-lr") + 1] = "3e-3"

@@ -73,17 +73,22 @@ def _check_layout(tp: int, cp: int, i2v: bool, extra=(), gbs: int = 2, task=(), 
     dist.barrier()
     if dist.get_rank() == 0:
         want_log, got_log = _metrics(root / "reference"), _metrics(root / "parallel")
+        # DPO's loss scales the per-pair MSE differences by loss_beta x 1000 x (1 - t): float reordering under CP
+        # shows at 1e-5 there; a wrong reference or gradient moves it by far more (log 2 at step 1, margins after).
+        rtol = 1e-4 if dpo else 1e-5
         for it in (1, 2):
             for key in ("loss", "grad_norm"):
                 a, b = want_log[it][key], got_log[it][key]
-                assert abs(b - a) <= 1e-5 * abs(a), f"step {it} {key}: {b} vs one process {a} (TP {tp}, CP {cp})"
+                assert abs(b - a) <= rtol * abs(a), f"step {it} {key}: {b} vs one process {a} (TP {tp}, CP {cp})"
         want, _ = read_megatron_full(root / "reference", log=lambda m: None)
         got, info = read_megatron_full(root / "parallel", log=lambda m: None)
         assert info["tp"] == tp and set(got) == set(want)
         for key in want:
             scale = max(1.0, want[key].abs().max().item())
             diff = (got[key] - want[key]).abs().max().item()
-            assert diff <= 2e-5 * scale, f"{key}: max |diff| {diff:.3e} after 2 steps (TP {tp}, CP {cp})"
+            # (DPO: Adam divides the amplified differences by tiny second moments; the grad norm above is the check)
+            bound = (1e-4 if dpo else 2e-5) * scale
+            assert diff <= bound, f"{key}: max |diff| {diff:.3e} after 2 steps (TP {tp}, CP {cp})"
     dist.barrier()
 
 
