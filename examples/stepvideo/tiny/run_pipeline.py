@@ -1,4 +1,4 @@
-"""The whole StepVideo workflow of the user guide, end to end, on tiny random weights (runs on a CPU in ~1 min).
+"""The whole StepVideo workflow of the user guide, end to end, on tiny random weights (runs on a CPU in about a minute).
 
     python examples/stepvideo/tiny/run_pipeline.py --workdir outputs/tiny_run
 
