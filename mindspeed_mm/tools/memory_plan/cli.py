@@ -103,6 +103,16 @@ def _world_size(args) -> int:
     return args.tensor_model_parallel_size * args.context_parallel_size
 
 
+def _cp_options(args, cp: int):
+    """(the sequence/CP options of the flags, the Ulysses degree), refusing a hybrid CP without a valid degree."""
+    options = sequence_options(args)
+    given = args.ulysses_degree_in_cp
+    if args.context_parallel_algo == "hybrid_cp_algo" and (given is None or given < 1 or cp % given):
+        raise MemoryPlanError(f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp, a divisor of "
+                              f"--context-parallel-size {cp} (got {given}).")
+    return options, options.ulysses_size(cp)
+
+
 _SIZE_KEYS = ("num_frames", "max_height", "max_width")
 
 
@@ -267,12 +277,7 @@ def plan_inputs(argv: Optional[Sequence[str]] = None,
     world = _world_size(args)
     if world < 1:
         raise MemoryPlanError(f"--world-size {world} must be at least 1.")
-    options = sequence_options(args)
-    ulysses = options.ulysses_size(cp)
-    given = args.ulysses_degree_in_cp
-    if args.context_parallel_algo == "hybrid_cp_algo" and (given is None or given < 1 or cp % given):
-        raise MemoryPlanError(f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp, a divisor of "
-                              f"--context-parallel-size {cp} (got {args.ulysses_degree_in_cp}).")
+    options, ulysses = _cp_options(args, cp)
     entry = ("dpo" if model.dpo is not None else "pretrain") if args.plan_entry == "auto" else args.plan_entry
     video, origins = _video_size(args)
     ae = model.ae
@@ -349,12 +354,7 @@ def sampling_plan(args) -> Tuple[SamplingInputs, SamplingPlan]:
         raise MemoryPlanError(f"--context-parallel-algo {args.context_parallel_algo}: one of {', '.join(CP_ALGOS)}.")
     if model.ae is None:
         raise MemoryPlanError(f"{args.mm_model}: the 'ae' section is needed (the VAE decodes the videos).")
-    options = sequence_options(args)
-    ulysses = options.ulysses_size(cp)
-    given = args.ulysses_degree_in_cp
-    if args.context_parallel_algo == "hybrid_cp_algo" and (given is None or given < 1 or cp % given):
-        raise MemoryPlanError(f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp, a divisor of "
-                              f"--context-parallel-size {cp} (got {args.ulysses_degree_in_cp}).")
+    options, ulysses = _cp_options(args, cp)
     from ...config.model import PipelineConfig
 
     notes: List[str] = []
