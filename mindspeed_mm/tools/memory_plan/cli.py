@@ -103,6 +103,18 @@ def _world_size(args) -> int:
     return args.tensor_model_parallel_size * args.context_parallel_size
 
 
+def _checked_vae(ae, video, origins) -> VAEShape:
+    """The VAE's shape (defaults without an 'ae' section), refusing a video size it does not accept."""
+    vae = VAEShape(version=ae.version, frame_len=ae.frame_len) if ae is not None else VAEShape()
+    problem = vae.frames_problem(video[0])
+    if problem:
+        raise MemoryPlanError(f"{origins[0]}: {problem}; choose a frame count the Video-VAE accepts.")
+    problem = vae.size_problem(video[1], video[2])
+    if problem:
+        raise MemoryPlanError(f"{origins[1]} / {origins[2]}: {problem}; choose a size the Video-VAE accepts.")
+    return vae
+
+
 def _cp_options(args, cp: int):
     """(the sequence/CP options of the flags, the Ulysses degree), refusing a hybrid CP without a valid degree."""
     options = sequence_options(args)
@@ -280,14 +292,7 @@ def plan_inputs(argv: Optional[Sequence[str]] = None,
     options, ulysses = _cp_options(args, cp)
     entry = ("dpo" if model.dpo is not None else "pretrain") if args.plan_entry == "auto" else args.plan_entry
     video, origins = _video_size(args)
-    ae = model.ae
-    vae = VAEShape(version=ae.version, frame_len=ae.frame_len) if ae is not None else VAEShape()
-    problem = vae.frames_problem(video[0])
-    if problem:
-        raise MemoryPlanError(f"{origins[0]}: {problem}; choose a frame count the Video-VAE accepts.")
-    problem = vae.size_problem(video[1], video[2])
-    if problem:
-        raise MemoryPlanError(f"{origins[1]} / {origins[2]}: {problem}; choose a size the Video-VAE accepts.")
+    vae = _checked_vae(model.ae, video, origins)
     latent_h, latent_w = vae.latent_size(video[1], video[2])
     llm_tokens, clip_tokens = _token_lengths(args)
     workload = Workload(batch=micro_batch, latent_frames=vae.latent_frames(video[0]),
@@ -368,13 +373,7 @@ def sampling_plan(args) -> Tuple[SamplingInputs, SamplingPlan]:
                      f"{pipeline.input_size}, guidance_scale {pipeline.guidance_scale})")
     video, origins = _sampling_video(args)
     ae = model.ae
-    vae = VAEShape(version=ae.version, frame_len=ae.frame_len)
-    problem = vae.frames_problem(video[0])
-    if problem:
-        raise MemoryPlanError(f"{origins[0]}: {problem}; choose a frame count the Video-VAE accepts.")
-    problem = vae.size_problem(video[1], video[2])
-    if problem:
-        raise MemoryPlanError(f"{origins[1]} / {origins[2]}: {problem}; choose a size the Video-VAE accepts.")
+    vae = _checked_vae(ae, video, origins)
     guided = pipeline.guidance_scale > 1.0
     cfg_parallel = bool(args.use_cfg_parallel) and guided
     if args.use_cfg_parallel and not guided:
