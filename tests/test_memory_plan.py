@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from mindspeed_mm.config.model import PredictorConfig
 from mindspeed_mm.models.predictor import StepVideoDiT
@@ -552,6 +553,50 @@ def test_unload_text_encoder_removes_them_from_sampling():
     assert kept.phases["encode text"] == unloaded.phases["encode text"]
     assert "DiT" not in " ".join(kept.phases["encode text"])  # the DiT loads after the prompts are encoded
     assert unloaded.peak_phase == "encode text" and kept.peak_phase == "decode"
+
+
+def test_layerwise_offload_keeps_two_layers_of_each_stack_on_the_device():
+    """dit_layerwise_offload: the DiT's weights outside the blocks and two blocks (the running one and the prefetched
+    next, models/common/offload.py), counted on the real module; text_encoder_layerwise_offload: Step-LLM's
+    embedding and two layers, counted on a real (meta) Step-LLM."""
+    from mindspeed_mm.models.text_encoder.step_llm import StepLLMConfig, StepLLMEncoder
+
+    dit = _meta_dit(**{**TINY, "num_layers": 5, "dtype": "fp32"})
+    on_device = sum(t.numel() * t.element_size() for k, t in dit.state_dict().items()
+                    if not k.startswith("transformer_blocks.") or k.split(".")[1] in ("0", "1"))
+    shape, work = DiTShape.from_config(dit.predictor_config), Workload(1, 3, 8, 8, 5, 3)
+    llm_shape = StepLLMShape(hidden_size=64, num_layers=4, num_attention_heads=4, num_attention_groups=2,
+                             ffn_hidden_size=200, padded_vocab_size=128)
+    with torch.device("meta"):
+        llm = StepLLMEncoder(StepLLMConfig(hidden_size=64, num_layers=4, num_attention_heads=4, num_attention_groups=2,
+                                           ffn_hidden_size=200, padded_vocab_size=128))
+    llm_on_device = sum(t.numel() for k, t in llm.state_dict().items()
+                        if not k.startswith("transformer.layers.") or k.split(".")[2] in ("0", "1")) * 2
+    plain = plan_sampling(shape, work, Layout(1, 1, 1),
+                          _sampling(dit_bytes=4, step_llm=llm_shape, unload_text_encoder=True))
+    offloaded = plan_sampling(shape, work, Layout(1, 1, 1),
+                              _sampling(dit_bytes=4, step_llm=llm_shape, unload_text_encoder=True,
+                                        dit_layerwise_offload=True,
+                                        text_encoder_layerwise_offload=True))
+    for phase in ("sample", "decode"):
+        assert [v for k, v in offloaded.phases[phase].items() if k.startswith("DiT weights")] == [on_device]
+        assert plain.phase_total(phase) - offloaded.phase_total(phase) == 3 * sum(
+            t.numel() * 4 for k, t in dit.state_dict().items() if k.startswith("transformer_blocks.4."))
+    assert [v for k, v in offloaded.phases["encode text"].items() if k.startswith("step_llm")] == [llm_on_device]
+    assert llm_shape.parameters() == sum(p.numel() for p in llm.parameters())
+
+
+def test_cli_plans_layerwise_offload_and_refuses_it_with_tp(capsys, tmp_path):
+    cfg = json.loads((T2V / "inference_t2v_model.json").read_text())
+    cfg.update(dit_layerwise_offload=True, text_encoder_layerwise_offload=True)
+    path = tmp_path / "offload.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["--mm-model", str(path), "--bf16", "--inference"]) == 0
+    out = capsys.readouterr().out
+    assert "dit_layerwise_offload true" in out and "text_encoder_layerwise_offload true" in out
+    assert "DiT weights: 2 of 48 blocks + the rest (offload)" in out and "in the sample phase" in out
+    with pytest.raises(MemoryPlanError, match="offload.json: dit_layerwise_offload runs with TP = CP = 1"):
+        main(["--mm-model", str(path), "--bf16", "--inference", "--tensor-model-parallel-size", "2"])
 
 
 def test_text_encoder_batch_is_the_runners():

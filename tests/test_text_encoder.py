@@ -275,6 +275,30 @@ def test_text_encoding_api_shapes_masks_and_batching(tiny_weights):
     assert next(encoder.llm.parameters()).device.type == "cpu"
 
 
+def test_text_encoding_with_step_llm_layers_offloaded(tiny_weights, tmp_path):
+    """text_encoder_layerwise_offload: the same states, each Step-LLM layer resident only while it (or its
+    predecessor) runs, and unload_after_use still drops every device copy (models/common/offload.py)."""
+    write_tiny_step_llm(str(tmp_path / "step_llm"), num_layers=4)  # four layers: two resident is not all
+    (tmp_path / "hunyuan_clip").symlink_to(tiny_weights / "hunyuan_clip")
+    encoders, tokenizers = _configs(tmp_path)
+    prompts = ["a cat", "一只猫在窗台上慢慢走动，向外张望，阳光明媚。"]
+    plain, plain_mask = StepVideoTextEncoder.from_configs(encoders, tokenizers)(prompts)
+    encoder = StepVideoTextEncoder.from_configs(encoders, tokenizers, device="cpu", unload_after_use=True,
+                                                layerwise_offload=True)
+    encoder(prompts[:1])  # the offload is set up at the first call, for the device it runs on
+    layers = encoder.llm.transformer.layers
+    seen = []
+    for i, layer in enumerate(layers):  # after the offload's hooks: sees the state the layer runs in
+        layer.register_forward_pre_hook(lambda m, a, i=i: seen.append(set(encoder.llm_offload.resident)))
+    prompt, mask = encoder(prompts)
+    for got, want in zip(prompt + mask, plain + plain_mask):
+        assert torch.equal(got, want)
+    assert len(layers) == 4 and seen == [{i, (i + 1) % 4} for i in range(4)]
+    assert encoder.llm_offload.resident == set()  # unload_after_use released the prefetched first layer
+    again, _ = encoder(prompts[:1])
+    assert torch.equal(again[0], plain[0][:1])
+
+
 def test_text_encoding_config_errors(tiny_weights, tmp_path):
     encoders, tokenizers = _configs(tiny_weights)
     with pytest.raises(ValueError, match=r"text_encoder list must hold two entries with model_id 'StepLLmModel' "

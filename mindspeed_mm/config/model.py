@@ -247,6 +247,10 @@ class MMModelConfig:
     patch: Optional[PatchConfig] = None
     pipeline_config: Optional[PipelineConfig] = None
     unload_text_encoder: bool = False
+    # inference: the DiT's blocks stay in host memory, each copied to the device just before it runs
+    dit_layerwise_offload: bool = False
+    # inference: Step-LLM's layers likewise, while the prompts are encoded
+    text_encoder_layerwise_offload: bool = False
     frame_interval: int = 1
     save_path: Optional[str] = None
     fps: int = 25

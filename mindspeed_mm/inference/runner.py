@@ -102,6 +102,23 @@ def dit_source(args) -> str:
         f"randomly initialised DiT.")
 
 
+def check_offload_options(args) -> None:
+    """dit_layerwise_offload runs one whole DiT per device: refuse it with TP/CP (their ranks already split the
+    weights) and with --use-torch-compile (compiled graphs hold on to the weights' device storage)."""
+    if not args.mm.model.dit_layerwise_offload:
+        return
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if tp * cp > 1:
+        raise InferenceInputError(
+            f"{args.mm_model}: dit_layerwise_offload is for a DiT whole on one device, but this run splits it over "
+            f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp}; set it to false (the split already "
+            f"divides the weights) or run with TP = CP = 1.")
+    if getattr(args, "use_torch_compile", False):
+        raise InferenceInputError(
+            f"{args.mm_model}: dit_layerwise_offload cannot be combined with --use-torch-compile (the compiled blocks "
+            f"would keep their weights on the device); drop one of them.")
+
+
 def lora_source(args):
     """(the LoRA adapter to apply: --lora-load, else the model JSON's lora.path, or None; its scale)."""
     lora = args.mm.model.lora
@@ -206,8 +223,9 @@ def build_pipeline(args, device, group, text_encoder=None):
 
     model = args.mm.model
     source = dit_source(args)
-    logger.info("loading the DiT from %s", source)
-    dit = StepVideoDiT.from_pretrained(source, model.predictor, device=device).eval()
+    offload = model.dit_layerwise_offload
+    logger.info("loading the DiT from %s%s", source, " into host memory (dit_layerwise_offload)" if offload else "")
+    dit = StepVideoDiT.from_pretrained(source, model.predictor, device="cpu" if offload else device).eval()
     dit.requires_grad_(False)
     if getattr(args, "use_torch_compile", False):
         dit.compile_blocks()
@@ -217,6 +235,10 @@ def build_pipeline(args, device, group, text_encoder=None):
 
         layers = load_adapter(dit, adapter, scale, log=logger.info)
         logger.info("LoRA adapter %s applied (unmerged) to %d layers, scale %g", adapter, len(layers), scale)
+    if offload:
+        blocks = dit.offload_blocks(device)
+        logger.info("dit_layerwise_offload: %d blocks (%.2f GiB) stay in host memory; at most two are on the "
+                    "device at a time", len(blocks.blocks), blocks.host_bytes() / 2 ** 30)
     vae = StepVideoVAE.from_config(model.ae, device=device)
     scheduler = FlowMatchScheduler.from_config(model.diffusion)
     return StepVideoPipeline.from_config(model, dit, vae, text_encoder, scheduler, group=group)
@@ -233,7 +255,8 @@ def encode_plan_prompts(args, plan: InferencePlan, indices: Sequence[int], devic
     pc = model.pipeline_config or PipelineConfig()
     positive, negative = magic_strings(pc.model_type, pc.positive_magic, pc.negative_magic)
     encoder = StepVideoTextEncoder.from_configs(model.text_encoder, model.tokenizer, device=device,
-                                                unload_after_use=model.unload_text_encoder)
+                                                unload_after_use=model.unload_text_encoder,
+                                                layerwise_offload=model.text_encoder_layerwise_offload)
     distinct = sorted({i // plan.videos_per_prompt for i in indices})
     text = encode_conditions(encoder, [plan.prompts[p * plan.videos_per_prompt] for p in distinct], positive,
                              negative, guided=pc.guidance_scale > 1.0, batch_size=TEXT_ENCODER_BATCH)
@@ -260,6 +283,7 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
         save_latents = os.environ.get(SAVE_LATENTS_ENV, "0") not in ("", "0")
     plan = build_plan(args)
     dit_source(args)
+    check_offload_options(args)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
     model_parallel = ps.get_tensor_and_context_parallel_world_size()

@@ -210,7 +210,8 @@ def case_inference_step_cache_ring_cp2_matches_one_process():
 @dist_case(world_size=2)
 def case_inference_cfg_parallel_matches_one_process():
     """--use-cfg-parallel on DP 2: rank 0 runs the conditional half, rank 1 the unconditional half of the same two
-    videos; the latents are one process's, and only rank 0 decodes and saves."""
+    videos; the latents are one process's, and only rank 0 decodes and saves. Each copy runs with
+    dit_layerwise_offload (the one-process reference without it)."""
     from mindspeed_mm.arguments import parse_args
     from mindspeed_mm.inference import run_inference
     from mindspeed_mm.runtime import initialize_model_parallel
@@ -221,8 +222,9 @@ def case_inference_cfg_parallel_matches_one_process():
     prompts = ["a cat walks along a windowsill", "一只猫"]
     if dist.get_rank() == 0:
         write_lines(root / "prompts.txt", prompts)
-        model_json(sections, "t2v", root, prompt=root / "prompts.txt", save_path=root / "cfg", steps=3,
-                   name="cfg.json")
+        path = model_json(sections, "t2v", root, prompt=root / "prompts.txt", save_path=root / "cfg", steps=3,
+                          name="cfg.json")
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), dit_layerwise_offload=True)))
     dist.barrier()
     initialize_model_parallel(1, 1)
     out = run_inference(parse_args(inference_argv(root / "cfg.json", mbs=2, seed=11) + ["--use-cfg-parallel"],

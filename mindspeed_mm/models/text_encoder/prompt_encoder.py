@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...config.base import ConfigError
+from ..common.offload import LayerwiseOffload
 from .hunyuan_clip import HunyuanClipEncoder
 from .step_llm import StepLLMEncoder
 from .tokenizers import BertPromptTokenizer, StepChatTokenizer, build_tokenizer
@@ -39,16 +40,19 @@ class StepVideoTextEncoder(nn.Module):
 
     def __init__(self, llm: StepLLMEncoder, clip: HunyuanClipEncoder, llm_tokenizer: StepChatTokenizer,
                  clip_tokenizer: BertPromptTokenizer, device: Optional[torch.device] = None,
-                 unload_after_use: bool = False):
+                 unload_after_use: bool = False, layerwise_offload: bool = False):
         super().__init__()
         self.llm, self.clip = llm, clip
         self.llm_tokenizer, self.clip_tokenizer = llm_tokenizer, clip_tokenizer
         self.device = torch.device(device) if device is not None else None
         self.unload_after_use = unload_after_use
+        # Step-LLM's layers stay in host memory and visit the device one at a time (models/common/offload.py)
+        self.layerwise_offload = layerwise_offload
+        self.llm_offload: Optional[LayerwiseOffload] = None
 
     @classmethod
     def from_configs(cls, text_encoder: Sequence, tokenizer: Sequence, device=None,
-                     unload_after_use: bool = False) -> "StepVideoTextEncoder":
+                     unload_after_use: bool = False, layerwise_offload: bool = False) -> "StepVideoTextEncoder":
         """Build from the `text_encoder` and `tokenizer`/`tokenizer_config` lists of the seed's JSON."""
         encoders, tokenizers = list(text_encoder or []), list(tokenizer or [])
         if [e.model_id for e in encoders] != [m for m, _ in _EXPECTED]:
@@ -58,7 +62,7 @@ class StepVideoTextEncoder(nn.Module):
         llm = StepLLMEncoder.from_pretrained(encoders[0].from_pretrained, dtype=encoders[0].dtype)
         clip = HunyuanClipEncoder.from_pretrained(encoders[1].from_pretrained, dtype=encoders[1].dtype)
         return cls(llm, clip, build_tokenizer(tokenizers[0]), build_tokenizer(tokenizers[1]),
-                   device=device, unload_after_use=unload_after_use)
+                   device=device, unload_after_use=unload_after_use, layerwise_offload=layerwise_offload)
 
     def tokenize(self, prompts: Sequence[str]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """[llm ids (b, 320), clip ids (b, 77)], [llm mask, clip mask]."""
@@ -66,18 +70,32 @@ class StepVideoTextEncoder(nn.Module):
         clip_ids, clip_mask = self.clip_tokenizer(prompts)
         return [llm_ids, clip_ids], [llm_mask, clip_mask]
 
+    def _to(self, device) -> None:
+        """Both encoders to `device`; with layerwise_offload Step-LLM's layers stay where the offload keeps them."""
+        self.clip.to(device)
+        if not self.layerwise_offload:
+            self.llm.to(device)
+            return
+        if self.llm_offload is None:
+            self.llm_offload = LayerwiseOffload(self.llm.transformer.layers, device)
+        for name, child in self.llm.named_children():
+            if name != "transformer":
+                child.to(device)
+
     def offload(self) -> None:
         """Move both encoders to the CPU, freeing the accelerator (the seed's unload_text_encoder)."""
-        self.llm.to("cpu")
-        self.clip.to("cpu")
+        self._to("cpu")
+        if self.llm_offload is not None:
+            self.llm_offload.release_all()
 
     @torch.no_grad()
     def encode_tokens(self, ids: List[torch.Tensor], masks: List[torch.Tensor], batch_size: Optional[int] = None
                       ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Run both encoders on tokenized prompts, `batch_size` prompts at a time."""
         device = self.device or next(self.llm.parameters()).device
-        self.llm.to(device)
-        self.clip.to(device)
+        if self.llm_offload is not None and self.llm_offload.device != torch.device(device):
+            raise ValueError(f"Step-LLM's layers are offloaded for {self.llm_offload.device}, not {device}.")
+        self._to(device)
         total = ids[0].shape[0]
         step = batch_size or total
         llm_out, clip_out = [], []

@@ -360,6 +360,9 @@ def sampling_plan(args) -> Tuple[SamplingInputs, SamplingPlan]:
     if model.ae is None:
         raise MemoryPlanError(f"{args.mm_model}: the 'ae' section is needed (the VAE decodes the videos).")
     options, ulysses = _cp_options(args, cp)
+    if model.dit_layerwise_offload and tp * cp > 1:
+        raise MemoryPlanError(f"{args.mm_model}: dit_layerwise_offload runs with TP = CP = 1 (inference refuses it "
+                              f"at TP {tp} x CP {cp}, whose ranks already split the weights); set it to false.")
     from ...config.model import PipelineConfig
 
     notes: List[str] = []
@@ -395,6 +398,8 @@ def sampling_plan(args) -> Tuple[SamplingInputs, SamplingPlan]:
             fields.update({key: shape, f"{key}_bytes": _dtype_bytes(cfg.dtype)})
     run = Sampling(videos=videos, num_frames=video[0], height=video[1], width=video[2], dit_bytes=dit_bytes,
                    guided=guided, cfg_parallel=cfg_parallel, unload_text_encoder=bool(model.unload_text_encoder),
+                   dit_layerwise_offload=bool(model.dit_layerwise_offload),
+                   text_encoder_layerwise_offload=bool(model.text_encoder_layerwise_offload),
                    vae=vae, vae_parameters=vae_parameters, vae_bytes=_dtype_bytes(ae.dtype),
                    vae_tile=ae.tile_sample_size if ae.use_tiling else None, **fields)
     latent_h, latent_w = vae.latent_size(video[1], video[2])

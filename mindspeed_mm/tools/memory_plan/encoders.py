@@ -113,12 +113,15 @@ class StepLLMShape:
     def ffn_inner(self) -> int:
         return 256 * -(-self.ffn_hidden_size // 256)  # rounded up to a multiple of 256, as the model does
 
-    def parameters(self) -> int:
+    def layer_parameters(self) -> int:
         h = self.hidden_size
         head_dim = h // self.num_attention_heads
         attention = h * (h + 2 * self.num_attention_groups * head_dim) + h * h  # wqkv, wo
         ffn = h * 2 * self.ffn_inner + self.ffn_inner * h  # w1 (gate | linear), w2
-        return self.padded_vocab_size * h + self.num_layers * (attention + ffn + 2 * h)
+        return attention + ffn + 2 * h
+
+    def parameters(self) -> int:
+        return self.padded_vocab_size * self.hidden_size + self.num_layers * self.layer_parameters()
 
     def forward_working_bytes(self, batch: int, tokens: int, element_bytes: int) -> int:
         """One layer's forward without autograd: the SwiGLU's (b, L, 2 x inner) projection and its product, the

@@ -435,6 +435,8 @@ class Sampling:
     guided: bool = True  # guidance_scale > 1: a conditional and an unconditional half
     cfg_parallel: bool = False  # --use-cfg-parallel: each half on its own model copy
     unload_text_encoder: bool = False
+    dit_layerwise_offload: bool = False  # the blocks in host memory, at most two on the device
+    text_encoder_layerwise_offload: bool = False  # Step-LLM's layers likewise
     vae: VAEShape = VAEShape()
     vae_parameters: int = 0
     vae_bytes: int = 2
@@ -483,7 +485,11 @@ class SamplingPlan:
 
 def _text_encoder_weights(run: Sampling) -> Dict[str, int]:
     out = {}
-    if run.step_llm is not None:
+    if run.step_llm is not None and run.text_encoder_layerwise_offload:
+        llm = run.step_llm
+        out[f"step_llm weights: 2 of {llm.num_layers} layers + the rest (offload)"] = (
+            llm.parameters() - (llm.num_layers - 2) * llm.layer_parameters()) * run.step_llm_bytes
+    elif run.step_llm is not None:
         out["step_llm weights"] = run.step_llm.parameters() * run.step_llm_bytes
     if run.clip is not None:
         out["HunyuanCLIP weights"] = run.clip.parameters() * run.clip_bytes
@@ -519,7 +525,8 @@ def plan_sampling(shape: DiTShape, workload: Workload, layout: Layout, run: Samp
 
       encode text  the text encoders' weights and one call's forward (TEXT_ENCODER_BATCH prompts); the DiT is
                    not loaded yet (runner.encode_plan_prompts runs before build_pipeline)
-      sample       the DiT's weights (/ TP where split), the VAE's, the text encoders' unless unload_text_encoder
+      sample       the DiT's weights (/ TP where split; with dit_layerwise_offload those outside the blocks and
+                   two blocks), the VAE's, the text encoders' unless unload_text_encoder
                    moved them to the host, the latents and text conditions, and one forward without autograd
       decode       the same weights, the decoded video's buffers and one chunk's decode (the conditional half's
                    ranks decode under CFG parallel; the VAE splits the chunks over the TP x CP group)
@@ -541,8 +548,13 @@ def plan_sampling(shape: DiTShape, workload: Workload, layout: Layout, run: Samp
         working.append(run.clip.forward_working_bytes(TEXT_ENCODER_BATCH, workload.clip_tokens, run.clip_bytes))
     plan.phases[ENCODE_TEXT] = {**encoders, "text encoder forward (one call)": max(working)}
 
-    weights = {f"DiT weights ({'fp32' if a == 4 else 'bf16/fp16'}, / TP {layout.tp} where split)":
-               plan.parameters_rank * a}
+    if run.dit_layerwise_offload:  # models/common/offload.py: the running block and the prefetched next one
+        block = block_parameters(shape).per_rank(layout.tp)
+        weights = {f"DiT weights: 2 of {shape.num_layers} blocks + the rest (offload)":
+                   (plan.parameters_rank - (shape.num_layers - 2) * block) * a}
+    else:
+        weights = {f"DiT weights ({'fp32' if a == 4 else 'bf16/fp16'}, / TP {layout.tp} where split)":
+                   plan.parameters_rank * a}
     if run.vae_parameters:
         weights["Video-VAE weights"] = run.vae_parameters * run.vae_bytes
     if not run.unload_text_encoder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .dit import dit_parameters
+from .dit import block_parameters, dit_parameters
 from .plan import _ALGO_NAMES, GIB, Fit, MemoryPlan
 
 BLOCK_FORMULA = (
@@ -197,6 +197,15 @@ def format_sampling(inputs, plan) -> str:
         "  unload_text_encoder true: the text encoders leave the device before the DiT loads" if run.unload_text_encoder
         else "  unload_text_encoder false: the text encoders stay on the device through sampling and decoding",
     ]
+    block_bytes = block_parameters(shape).per_rank(lay.tp) * run.dit_bytes
+    offloaded = [("dit_layerwise_offload", "the DiT's blocks", shape.num_layers * block_bytes)]
+    if run.step_llm is not None:
+        offloaded.append(("text_encoder_layerwise_offload", "Step-LLM's layers",
+                          run.step_llm.num_layers * run.step_llm.layer_parameters() * run.step_llm_bytes))
+    for key, what, host in offloaded:
+        if getattr(run, key):
+            lines.append(f"  {key} true: {what} ({host / GIB:.1f} GiB) stay in pinned host memory, each copied to "
+                         f"the device just before it runs: every one crosses PCIe once per forward")
     lines += [f"  {note}" for note in inputs.notes]
     copies = " x 2 model copies (CFG parallel)" if run.cfg_parallel else ""
     layout = f"TP {lay.tp} x CP {lay.cp}" + (f" ({_ALGO_NAMES[lay.cp_algo]})" if lay.cp > 1 else "")

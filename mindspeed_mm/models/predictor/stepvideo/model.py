@@ -31,6 +31,7 @@ from torch import nn
 
 from mindspeed_mm.config.model import PredictorConfig, torch_dtype
 from mindspeed_mm.errors import MindSpeedMMError
+from mindspeed_mm.models.common.offload import LayerwiseOffload
 from mindspeed_mm.models.registry import register_model
 from mindspeed_mm.runtime.device import current_device
 
@@ -213,6 +214,19 @@ class StepVideoDiT(MegatronModule):
         the first step pays the compilation."""
         for block in self.transformer_blocks:
             block.compile(**options)
+
+    def offload_blocks(self, device) -> LayerwiseOffload:
+        """Single-device inference of a DiT larger than the device: everything outside the transformer blocks
+        moves to `device`, the blocks stay in (pinned) host memory and each is copied in just before it runs
+        (models/common/offload.py). Call it on a DiT built on the CPU, after any LoRA adapter is applied."""
+        offload = LayerwiseOffload(self.transformer_blocks, device)
+        for name, child in self.named_children():
+            if name != "transformer_blocks":
+                child.to(device)
+        for tensor in list(self._parameters.values()) + list(self._buffers.values()):
+            if tensor is not None:
+                tensor.data = tensor.data.to(device)
+        return offload
 
     @property
     def fused_elementwise(self) -> bool:
