@@ -26,11 +26,14 @@ step failed.
                TFLOP/s, MFU, peak memory and the activations' share of it (weight gradients freed as Megatron's DDP
                does).
   sampling     one sampling step: the same DiT's forward at classifier-free-guidance batch 2 (cond + uncond), at both
-               token counts; the time extrapolated to the released 48 blocks by the FLOP count.
+               token counts; the time extrapolated to the released 48 blocks by the FLOP count. Then the larger one
+               with dit_layerwise_offload over 4 blocks: time per block against the resident forward's (does the
+               copy hide?), bytes copied and peak memory.
   vae          benchmarks/vae.py: the Video-VAE (real widths, bf16) encoding and decoding one 17-frame 544x992 chunk,
                untiled and tiled with the model's default windows (256 px overlapping by 64): time and peak memory.
   memory_plan  each measured peak against the memory planner (mindspeed_mm.tools.memory_plan): the DiT training
-               step's activations, the sampling forward's working set and the VAE encode; ratio measured/predicted.
+               step's activations, the sampling forward's working set (the sampling plan's forward term) and the VAE
+               encode; ratio measured/predicted.
 
 --budget-s bounds the whole run: a step, or a configuration inside one, whose estimated time does not fit in what is
 left is skipped with the reason recorded. The estimates are guesses made before any GPU run (DEVICE_PROFILE).
@@ -97,6 +100,7 @@ class Profile:
     limit_s: Dict[str, float]
     layers: int = 2
     sampling_layers: int = 48  # the released DiT's, for the extrapolated sampling step
+    offload_layers: int = 4  # the offloaded forward: more blocks than the two on the device at a time
 
 
 DEVICE_PROFILE = Profile(
@@ -108,8 +112,8 @@ DEVICE_PROFILE = Profile(
     vae_args=("--dtype", "bf16", "--sizes", "17x544x992", "--tile", "256", "--overlap", "64", "--widths", "real"),
     tests=("tests/test_runtime.py", "tests/test_dit_golden.py", "tests/test_dit_model.py", "tests/test_vae_golden.py",
            "tests/test_dit_benchmark.py"),
-    estimate_s={"tests": 60, "golden": 30, "dit_train": 100, "sampling": 40, "vae": 70, "memory_plan": 1},
-    limit_s={"tests": 180, "golden": 120, "dit_train": 240, "sampling": 150, "vae": 200, "memory_plan": 30},
+    estimate_s={"tests": 60, "golden": 30, "dit_train": 100, "sampling": 60, "vae": 70, "memory_plan": 1},
+    limit_s={"tests": 180, "golden": 120, "dit_train": 240, "sampling": 200, "vae": 200, "memory_plan": 30},
 )
 
 DRY_PROFILE = Profile(
@@ -422,6 +426,7 @@ def step_sampling(profile: Profile, record: StepRecord, deadline: float) -> None
 
     dit_step = _load_benchmark("dit_step")
     per_config = profile.estimate_s["sampling"] / len(profile.latent_sizes)
+    resident = {}  # size -> seconds per block of the resident forward
     for size in profile.latent_sizes:
         item = f"sampling step, {_size_label(size)}, CFG batch 2"
         if time.time() + per_config > deadline:
@@ -454,8 +459,46 @@ def step_sampling(profile: Profile, record: StepRecord, deadline: float) -> None
                       _memory_note(forward, f"{profile.layers} blocks' parameters, inputs and the forward"))
         record.figure(item, "forward working memory", forward["growth_bytes"] / GIB, "GiB",
                       "peak over the memory held before the forward")
+        resident[size] = forward["seconds"] / profile.layers
         del result
         _release_device_memory()
+    _sampling_offloaded(profile, record, deadline, resident)
+
+
+def _sampling_offloaded(profile: Profile, record: StepRecord, deadline: float, resident: Dict) -> None:
+    """The same forward with dit_layerwise_offload at the largest size, with more blocks than the two resident
+    ones: does the copy of the next block hide behind the running one's compute?"""
+    dit_step = _load_benchmark("dit_step")
+    size, layers = profile.latent_sizes[-1], profile.offload_layers
+    item = f"sampling step, dit_layerwise_offload, {_size_label(size)}, {layers} blocks"
+    per_config = profile.estimate_s["sampling"] / len(profile.latent_sizes)
+    if size not in resident:
+        record.skip(item, "the resident forward at this size did not run")
+        return
+    if time.time() + per_config > deadline:
+        record.skip(item, f"budget: under {per_config:.0f} s left")
+        return
+    argv = _dit_step_argv(profile, size, layers) + ["--mode", "forward", "--batch", "2", "--offload"]
+    try:
+        result = dit_step.run(dit_step.parse_args(argv))
+    except Exception as exc:
+        record.error(item, _exception_text(exc), traceback.format_exc())
+        _release_device_memory()
+        return
+    forward = result["forward"]
+    record.details[item] = result
+    per_block = forward["seconds"] / layers
+    record.figure(item, f"forward, {layers} blocks", forward["seconds"] * 1e3, "ms",
+                  f"blocks in pinned host memory, median of {profile.timed_steps}")
+    record.figure(item, "time per block, offloaded / resident", per_block / resident[size], "x",
+                  "1.0: the copies hide behind the compute")
+    record.figure(item, "copied per forward", layers * result["block_bytes"] / GIB, "GiB",
+                  f"{result['block_bytes'] / GIB:.2f} GiB a block; "
+                  f"{result['block_bytes'] / per_block / 1e9:.1f} GB/s needed to hide it")
+    record.figure(item, "peak memory", forward["peak_bytes"] / GIB, "GiB",
+                  _memory_note(forward, "the parts outside the blocks, two blocks, inputs and the forward"))
+    del result
+    _release_device_memory()
 
 
 def step_vae(profile: Profile, record: StepRecord, deadline: float) -> None:
@@ -543,7 +586,7 @@ def worker_main(steps: List[str], results: Path, budget_end: float, profile: Pro
 
 def step_memory_plan(profile: Profile, records: Dict[str, StepRecord], record: StepRecord) -> None:
     from mindspeed_mm.tools.memory_plan import DiTShape, Layout, Recompute, Training, Workload, plan_memory
-    from mindspeed_mm.tools.memory_plan.dit import forward_working_bytes, outside_block_activations
+    from mindspeed_mm.tools.memory_plan.dit import sampling_forward
     from mindspeed_mm.tools.memory_plan.encoders import VAEShape, vae_encode_working_bytes
 
     compared = 0
@@ -586,12 +629,14 @@ def step_memory_plan(profile: Profile, records: Dict[str, StepRecord], record: S
     for item, result in records.get("sampling", StepRecord()).details.items():
         forward = result["forward"]
         shape, work = dit_shape(result), workload(result)
-        # The planner models training; its nearest term for a forward without autograd is the DPO reference's
-        # working set, one block's forward, plus what every block shares (RoPE tables, text states, modulation).
-        shared = outside_block_activations(shape, work, 1, 2)["shared by the blocks (RoPE, text, modulation)"]
-        predicted = forward_working_bytes(shape, work, 1, 1, 2) + shared
-        compare(f"DiT forward: {item}", forward["growth_bytes"], predicted, "peak over parameters and inputs",
-                forward["memory"] == "allocator", "one block's forward without autograd + the blocks' shared tensors")
+        # The sampling plan's forward term: the largest moment of a forward without autograd.
+        predicted = sampling_forward(shape, work, 1, 1, 2).peak
+        what = "peak over parameters and inputs"
+        if result.get("offload"):  # the blocks arrive during the forward: two of them are part of its growth
+            predicted += 2 * result["block_bytes"]
+            what += " (two blocks copied in count: dit_layerwise_offload)"
+        compare(f"DiT forward: {item}", forward["growth_bytes"], predicted, what,
+                forward["memory"] == "allocator", "sampling_forward(...).peak, the planner's sampling term")
     vae = records.get("vae", StepRecord()).details.get("vae")
     if vae:
         element_bytes = 2 if "bfloat16" in vae["dtype"] or "float16" in vae["dtype"] else 4

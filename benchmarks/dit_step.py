@@ -147,6 +147,8 @@ def parse_args(argv=None):
     p.add_argument("--recompute-layers", type=int, default=None,
                    help="--recompute-num-layers (default: 1 for block, all layers for uniform)")
     p.add_argument("--mode", choices=["both", "forward", "train"], default="both")
+    p.add_argument("--offload", action="store_true",
+                   help="forward only: the blocks layer-wise offloaded to host memory (dit_layerwise_offload)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of one card (default by name)")
@@ -182,7 +184,13 @@ def run(args) -> dict:
         use_additional_conditions=args.i2v, attention_backend=args.attention_backend,
     )
     torch.manual_seed(0)
-    model = StepVideoDiT.build(cfg, device=device)
+    if args.offload and args.mode != "forward":
+        raise SystemExit("--offload times the forward only (inference): add --mode forward.")
+    model = StepVideoDiT.build(cfg, device="cpu" if args.offload else device)
+    block_bytes = sum(p.numel() * p.element_size() for p in model.transformer_blocks[0].parameters())
+    if args.offload:
+        model.requires_grad_(False)
+        model.offload_blocks(device)
     if args.recompute != "none":
         recompute_layers = args.recompute_layers or (1 if args.recompute == "block" else args.layers)
         model.configure_recompute("full", args.recompute, recompute_layers)
@@ -205,7 +213,7 @@ def run(args) -> dict:
     print(f"device {device} ({device_name}), "
           f"dtype {args.dtype}, {args.layers} layers x {args.heads} heads x {args.head_dim}, {params / 1e9:.3f} B "
           f"params, latents {b}x{frames}x{height}x{width} = {b * tokens} tokens, text {args.clip_len + args.llm_len}, "
-          f"recompute {args.recompute}")
+          f"recompute {args.recompute}" + (", blocks offloaded to host memory" if args.offload else ""))
 
     flops = forward_flops(cfg, b, tokens, args.clip_len + args.llm_len, args.llm_len)
     peak = args.peak_tflops
@@ -222,6 +230,7 @@ def run(args) -> dict:
         "recompute": args.recompute, "recompute_layers": model.recompute_num_layers or 0,
         "drop_grads": args.drop_grads,
         "attention_backend": resolve_backend(args.attention_backend, device), "forward_flops": flops,
+        "offload": args.offload, "block_bytes": block_bytes,
         "peak_tflops": peak if device.type == "cuda" else None,
     }
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+GIB = 2 ** 30
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "device_check.sh"
 STEPS = ["tests", "golden", "dit_train", "sampling", "vae", "memory_plan"]
@@ -80,6 +82,11 @@ def test_dry_run_figures(dry_run):
     forward_ms = sampling[(item, "forward, 2 blocks")]["value"]
     full_s = sampling[(item, "one step at 48 blocks (extrapolated)")]["value"]
     assert 20 * forward_ms / 1e3 < full_s < 26 * forward_ms / 1e3  # about 48 / 2 blocks by the FLOP count
+    offloaded = "sampling step, dit_layerwise_offload, 576 tokens (6x8x12), 4 blocks"
+    details = steps["sampling"]["details"][offloaded]
+    assert details["offload"] and details["layers"] == 4 and details["batch"] == 2
+    assert sampling[(offloaded, "time per block, offloaded / resident")]["value"] > 0
+    assert sampling[(offloaded, "copied per forward")]["value"] * GIB == 4 * details["block_bytes"]
 
     vae = _figures(steps["vae"])
     for mode in ("untiled", "tiled 32/16 px"):
@@ -88,7 +95,7 @@ def test_dry_run_figures(dry_run):
 
     plan = _figures(steps["memory_plan"])
     ratios = {item: fig for (item, name), fig in plan.items() if name == "measured / planner"}
-    assert len(ratios) == 4 + 2 + 2  # DiT training steps, sampling forwards, VAE encodes
+    assert len(ratios) == 4 + 3 + 2  # DiT training steps, sampling forwards (one offloaded), VAE encodes
     assert all(fig["value"] > 0 and "not comparable" in fig["note"] for fig in ratios.values())
     predicted = plan[("DiT activations: train, 576 tokens (6x8x12), recompute none", "planner")]["value"]
     assert predicted > plan[("DiT activations: train, 288 tokens (3x8x12), recompute none", "planner")]["value"]

@@ -1,5 +1,6 @@
 """The DiT's fused elementwise path (RoPE in one concatenation, F.rms_norm, addcmul modulation and gates) against the
-official op-by-op path, and the cross-attention mask dropped when every key is valid."""
+official op-by-op path, the cross-attention mask dropped when every key is valid, and right-padded key masks run as
+variable-length attention."""
 
 from __future__ import annotations
 
@@ -105,6 +106,74 @@ def test_cross_attention_mask_is_dropped_only_when_every_key_is_valid():
         dit._crop_text = lambda text, llm_mask, clip_len: (text, torch.ones(text.shape[:2], dtype=torch.bool))
         kept = dit(*args, **extra)
     torch.testing.assert_close(dropped, kept, rtol=1e-5, atol=1e-6)
+
+
+def _record_masks(monkeypatch):
+    """The masks (and key lengths) the sdpa backend is called with."""
+    calls, sdpa = [], attention_module.sdpa_attention
+
+    def spy(q, k, v, mask=None, scale=None):
+        calls.append((None if mask is None else tuple(mask.shape), k.shape[0], k.shape[1]))
+        return sdpa(q, k, v, mask, scale)
+
+    monkeypatch.setitem(attention_module._IMPLS, "sdpa", spy)
+    return calls
+
+
+@pytest.mark.parametrize("lengths,expected", [
+    ((7, 12, 3), [(None, 1, 7), (None, 1, 12), (None, 1, 3)]),  # ragged: one call per sample, keys cut
+    ((9, 9, 9), [(None, 3, 9)]),  # one length (the CP padding): one call, keys cut
+    (None, [((3, 12), 3, 12)]),  # not right padding: the masked call
+], ids=["ragged", "uniform", "holes"])
+def test_key_padding_masks_run_as_variable_length_attention(monkeypatch, lengths, expected):
+    """A right-padded key mask runs without a mask on each sample's keys; output and q/k/v gradients equal the
+    masked call's."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, s, 4, 16, generator=gen, requires_grad=True) for s in (20, 12, 12))
+    if lengths is None:
+        mask = torch.rand(3, 12, generator=gen) > 0.3
+        mask[:, 0] = True
+    else:
+        mask = torch.arange(12)[None] < torch.tensor(lengths)[:, None]
+    weights = torch.randn(3, 20, 4, 16, generator=gen)
+
+    def run(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn(q, k, v, mask)
+        (out * weights).sum().backward()
+        return [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+
+    want = run(attention_module.sdpa_attention)
+    calls = _record_masks(monkeypatch)
+    got = run(lambda *a: attention_module.attention(*a, backend="sdpa"))
+    assert calls == expected
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_dit_with_ragged_text_equals_the_masked_cross_attention(monkeypatch, i2v):
+    """Two prompts of different lengths (CFG's prompt and empty prompt): the DiT's output and every gradient with
+    variable-length cross-attention equal the dense-mask path's."""
+    dit = _dit(i2v)
+    args, extra = _batch(i2v, valid=(4, 10))
+    masked_run = _run_masked(monkeypatch, dit, args, extra)
+    calls = _record_masks(monkeypatch)
+    out, grads = _run(dit, args, extra, fused=True)
+    assert calls and all(mask is None for mask, _, _ in calls)
+    torch.testing.assert_close(out, masked_run[0], rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, masked_run[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _run_masked(monkeypatch, dit, args, extra):
+    with monkeypatch.context() as m:
+        m.setattr(attention_module, "key_lengths", lambda mask: None)  # every key mask goes to the backend as is
+        calls = _record_masks(m)
+        result = _run(dit, args, extra, fused=True)
+        assert any(mask is not None for mask, _, _ in calls)
+    return result
 
 
 def test_flash_attn_is_looked_up_once():

@@ -14,13 +14,16 @@ Backends:
 - "npu": torch_npu's `npu_fusion_attention`. Its `atten_mask` uses the opposite polarity:
   **True = masked out (drop)**, so the mask is inverted here. It cannot run without an NPU.
 - "auto": "npu" on NPU tensors, "flash" on CUDA when flash-attn imports, else "sdpa".
+
+Key-padding masks with right padding (the DiT's text keys, the CP padding) never reach a backend as masks: see
+`attention`.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +98,31 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 _IMPLS = {"sdpa": sdpa_attention, "flash": flash_attention, "npu": npu_attention}
 
 
+def key_lengths(mask: torch.Tensor) -> Optional[List[int]]:
+    """Each sample's number of keys when a [b, s_k] mask is a prefix of Trues per sample (right padding, as the
+    text keys and the CP padding are), else None. One host sync."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"attention masks must be boolean (True = attend), got {mask.dtype}")
+    lengths = mask.sum(dim=1)
+    prefix = (mask == (torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None])).all()
+    *counts, ok = torch.cat([lengths, prefix.long()[None]]).tolist()
+    return counts if ok else None
+
+
 def attention(q, k, v, mask: Optional[torch.Tensor] = None, backend: str = "auto", scale=None):
-    """Scaled dot-product attention over [b, s, n, d] tensors; see the module docstring."""
-    return _IMPLS[resolve_backend(backend, q.device)](q, k, v, mask, scale)
+    """Scaled dot-product attention over [b, s, n, d] tensors; see the module docstring.
+
+    A key-padding mask with right padding runs as variable-length attention without a mask: the keys cut to each
+    sample's length (one call when every sample has the same length, else one per sample), so every backend takes
+    its mask-free kernel (flash-attn and the NPU kernel included) and skips the padded keys' work. Equal to the
+    masked call; under torch.compile the masked call runs (the lengths would need a host sync in the graph)."""
+    impl = _IMPLS[resolve_backend(backend, q.device)]
+    if mask is not None and mask.dim() == 2 and not torch.compiler.is_compiling():
+        lengths = key_lengths(mask)
+        if lengths is not None and min(lengths) > 0:
+            if len(set(lengths)) == 1:
+                n = lengths[0]
+                return impl(q, k[:, :n], v[:, :n], None, scale)
+            return torch.cat([impl(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], None, scale)
+                              for i, n in enumerate(lengths)])
+    return impl(q, k, v, mask, scale)
