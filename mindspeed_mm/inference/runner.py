@@ -23,6 +23,7 @@ without the rounding of uint8 frames and H.264 (the multi-node test uses it thro
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -300,6 +301,12 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
 
     if mine:  # a DP group without videos (more groups than videos) loads nothing
         encoder, text, rows = encode_plan_prompts(args, plan, mine, device)
+        if args.mm.model.unload_text_encoder:
+            # Every prompt of this rank is encoded: drop the encoders rather than hold them in host memory through
+            # sampling (38 GB a rank at the released size, times the ranks of a node). Offload hooks form reference
+            # cycles, hence the collection.
+            encoder = None
+            gc.collect()
         pipe = build_pipeline(args, device, group, encoder)
         pipe.cfg_group = cfg_group
         row_of = dict(zip(mine, rows))

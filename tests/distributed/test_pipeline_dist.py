@@ -211,7 +211,8 @@ def case_inference_step_cache_ring_cp2_matches_one_process():
 def case_inference_cfg_parallel_matches_one_process():
     """--use-cfg-parallel on DP 2: rank 0 runs the conditional half, rank 1 the unconditional half of the same two
     videos; the latents are one process's, and only rank 0 decodes and saves. Each copy runs with
-    dit_layerwise_offload (the one-process reference without it)."""
+    dit_layerwise_offload (the one-process reference without it), and with unload_text_encoder the text encoders are
+    freed before sampling."""
     from mindspeed_mm.arguments import parse_args
     from mindspeed_mm.inference import run_inference
     from mindspeed_mm.runtime import initialize_model_parallel
@@ -227,8 +228,29 @@ def case_inference_cfg_parallel_matches_one_process():
         path.write_text(json.dumps(dict(json.loads(path.read_text()), dit_layerwise_offload=True)))
     dist.barrier()
     initialize_model_parallel(1, 1)
-    out = run_inference(parse_args(inference_argv(root / "cfg.json", mbs=2, seed=11) + ["--use-cfg-parallel"],
-                                   entry="inference"), keep_videos=True)
+    # unload_text_encoder (true in the JSON): the encoders are gone from host memory while the videos are sampled
+    import weakref
+    from mindspeed_mm.inference import StepVideoPipeline
+    from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
+
+    encoders, alive, build, generate = [], [], StepVideoTextEncoder.from_configs, StepVideoPipeline.generate
+
+    def from_configs(*a, **kw):
+        encoder = build(*a, **kw)
+        encoders.append(weakref.ref(encoder))
+        return encoder
+
+    def sampling(self, *a, **kw):
+        alive.append(any(ref() is not None for ref in encoders))
+        return generate(self, *a, **kw)
+
+    StepVideoTextEncoder.from_configs, StepVideoPipeline.generate = from_configs, sampling
+    try:
+        out = run_inference(parse_args(inference_argv(root / "cfg.json", mbs=2, seed=11) + ["--use-cfg-parallel"],
+                                       entry="inference"), keep_videos=True)
+    finally:
+        StepVideoTextEncoder.from_configs, StepVideoPipeline.generate = build, generate
+    assert encoders and alive == [False]
     assert out.indices == [0, 1]
     assert (out.saved != []) == (dist.get_rank() == 0) and (out.videos != {}) == (dist.get_rank() == 0)
     reference = _local_reference(root / "cfg.json", prompts, seeds=[11, 12])
