@@ -81,6 +81,24 @@ def test_offloaded_sampling_gives_the_same_latents_with_two_blocks_resident(setu
     assert torch.equal(pipe.generate(text=text, seeds=[3, 4], output="latent"), base)
 
 
+def test_an_unmerged_lora_adapter_travels_with_its_blocks(setup):
+    """The runner applies --lora-load before offloading: the adapters live in the blocks and are copied with them."""
+    from mindspeed_mm.models.lora import apply_lora, lora_parameters
+
+    _, pipeline, text = setup
+    pipe = pipeline()
+    apply_lora(pipe.dit, r=4)
+    torch.manual_seed(5)
+    for param in lora_parameters(pipe.dit):
+        param.data.normal_(0, 0.05)  # B is zero after apply_lora: give the adapter an effect
+    pipe.dit.requires_grad_(False)
+    plain = pipe.generate(text=text, seeds=[3, 4], output="latent")
+    offload = pipe.dit.offload_blocks("cpu")
+    adapters = {id(p) for p in lora_parameters(pipe.dit)}
+    assert adapters <= {id(t) for entries in offload._host for t, _ in entries}
+    assert torch.equal(pipe.generate(text=text, seeds=[3, 4], output="latent"), plain)
+
+
 def test_blocks_skipped_by_the_step_cache_are_never_copied(setup):
     _, pipeline, text = setup
     pipe = pipeline()
