@@ -245,22 +245,34 @@ def build_pipeline(args, device, group, text_encoder=None):
     return StepVideoPipeline.from_config(model, dit, vae, text_encoder, scheduler, group=group)
 
 
-def encode_plan_prompts(args, plan: InferencePlan, indices: Sequence[int], device):
+def encode_plan_prompts(args, plan: InferencePlan, indices: Sequence[int], device, group=None):
     """Encode the distinct prompts of videos `indices` once (before the DiT is loaded, so the text encoders and
-    the DiT need not fit on the device together when unload_text_encoder is set); returns (text, row per video)."""
+    the DiT need not fit on the device together when unload_text_encoder is set); returns (encoder, text, row per
+    video). Only the first rank of `group` (the TP x CP ranks, which sample the same videos) loads the encoders and
+    encodes; the others receive the states (a few MB a prompt) and hold no encoder: one read of the 39 GB Step-LLM
+    per group instead of one per rank."""
+    import torch.distributed as dist
+
     from ..config.model import PipelineConfig
     from ..models.text_encoder import StepVideoTextEncoder
-    from .conditions import encode_conditions, magic_strings
+    from .conditions import TextConditions, encode_conditions, magic_strings
+    from .group import group_size, share_from_first
 
     model = args.mm.model
     pc = model.pipeline_config or PipelineConfig()
-    positive, negative = magic_strings(pc.model_type, pc.positive_magic, pc.negative_magic)
-    encoder = StepVideoTextEncoder.from_configs(model.text_encoder, model.tokenizer, device=device,
-                                                unload_after_use=model.unload_text_encoder,
-                                                layerwise_offload=model.text_encoder_layerwise_offload)
+    guided = pc.guidance_scale > 1.0
     distinct = sorted({i // plan.videos_per_prompt for i in indices})
-    text = encode_conditions(encoder, [plan.prompts[p * plan.videos_per_prompt] for p in distinct], positive,
-                             negative, guided=pc.guidance_scale > 1.0, batch_size=TEXT_ENCODER_BATCH)
+    encoder, states = None, None
+    if group_size(group) == 1 or dist.get_rank(group) == 0:
+        positive, negative = magic_strings(pc.model_type, pc.positive_magic, pc.negative_magic)
+        encoder = StepVideoTextEncoder.from_configs(model.text_encoder, model.tokenizer, device=device,
+                                                    unload_after_use=model.unload_text_encoder,
+                                                    layerwise_offload=model.text_encoder_layerwise_offload)
+        text = encode_conditions(encoder, [plan.prompts[p * plan.videos_per_prompt] for p in distinct], positive,
+                                 negative, guided=guided, batch_size=TEXT_ENCODER_BATCH)
+        states = text.prompt + text.mask + ((text.negative_prompt + text.negative_mask) if guided else [])
+    states = share_from_first(states, group, device)
+    text = TextConditions(states[0:2], states[2:4], *((states[4:6], states[6:8]) if guided else ()))
     row_of = {p: r for r, p in enumerate(distinct)}
     return encoder, text, [row_of[i // plan.videos_per_prompt] for i in indices]
 
@@ -300,7 +312,7 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
                 args.micro_batch_size)
 
     if mine:  # a DP group without videos (more groups than videos) loads nothing
-        encoder, text, rows = encode_plan_prompts(args, plan, mine, device)
+        encoder, text, rows = encode_plan_prompts(args, plan, mine, device, group)
         if args.mm.model.unload_text_encoder:
             # Every prompt of this rank is encoded: drop the encoders rather than hold them in host memory through
             # sampling (38 GB a rank at the released size, times the ranks of a node). Offload hooks form reference

@@ -120,8 +120,17 @@ def case_inference_dp2_and_tp2_match_one_process():
     assert main(inference_argv(root / "tp.json", tp=2, seed=5)) == 0
     assert sorted(p.name for p in (root / "tp").iterdir()) == ["video_0.mp4", "video_1.mp4", "video_2.mp4",
                                                                "video_grid.mp4"]
-    tp = run_inference(parse_args(inference_argv(root / "tp.json", tp=2, seed=5), entry="inference"),
-                       keep_videos=True)
+    # Only the TP group's first rank loads the text encoders; the other receives the states.
+    from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
+
+    builds, build = [], StepVideoTextEncoder.from_configs
+    StepVideoTextEncoder.from_configs = lambda *a, **kw: builds.append(1) or build(*a, **kw)
+    try:
+        tp = run_inference(parse_args(inference_argv(root / "tp.json", tp=2, seed=5), entry="inference"),
+                           keep_videos=True)
+    finally:
+        StepVideoTextEncoder.from_configs = build
+    assert len(builds) == (1 if dist.get_rank() == 0 else 0)
     assert tp.indices == [0, 1, 2] and (tp.saved != []) == (dist.get_rank() == 0)
 
     # DP = 2, micro-batch 2: rank 0 makes videos 0 and 2 in one batch, rank 1 video 1; each saves its own.

@@ -523,8 +523,9 @@ def plan_sampling(shape: DiTShape, workload: Workload, layout: Layout, run: Samp
     """Peak device memory per rank of inference (`inference_sora.py`), phase by phase; the phases run one after the
     other on every rank:
 
-      encode text  the text encoders' weights and one call's forward (TEXT_ENCODER_BATCH prompts); the DiT is
-                   not loaded yet (runner.encode_plan_prompts runs before build_pipeline)
+      encode text  the text encoders' weights and one call's forward (TEXT_ENCODER_BATCH prompts), on the first
+                   rank of each TP x CP group (the others receive the states); the DiT is not loaded yet
+                   (runner.encode_plan_prompts runs before build_pipeline)
       sample       the DiT's weights (/ TP where split; with dit_layerwise_offload those outside the blocks and
                    two blocks), the VAE's, the text encoders' unless unload_text_encoder
                    moved them to the host, the latents and text conditions, and one forward without autograd
