@@ -21,12 +21,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from mindspeed_mm.arguments import parse_args, sequence_options
     from mindspeed_mm.inference import build_plan, dit_source, run_inference
+    from mindspeed_mm.inference.runner import check_offload_options
     from mindspeed_mm.runtime import destroy_runtime, initialize_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv, entry="inference")
     build_plan(args)  # prompt/image lists, sections and settings: fail before any process group or model exists
     dit_source(args)
+    check_offload_options(args)
     owns_runtime = not dist.is_initialized()  # when called from a running job, leave its process group alone
     initialize_runtime(args.tensor_model_parallel_size, args.context_parallel_size, seed=args.seed,
                        backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes,

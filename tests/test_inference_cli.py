@@ -99,7 +99,7 @@ def test_i2v_image_list(tiny, tmp_path):
         main(inference_argv(model))
 
 
-def test_refuses_to_run_without_dit_weights(tiny, tmp_path):
+def test_refuses_to_run_without_dit_weights(tiny, tmp_path, monkeypatch):
     root, sections, _ = tiny
     prompt = write_lines(tmp_path / "p.txt", ["a cat"])
     model = model_json(sections, "t2v", tmp_path, prompt=prompt, use_from_pretrained=False)
@@ -110,6 +110,17 @@ def test_refuses_to_run_without_dit_weights(tiny, tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no DiT weights"), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1
+    # dit_layerwise_offload with a setting it cannot run with: refused there too, before any model is loaded.
+    offload = model_json(sections, "t2v", tmp_path, prompt=prompt, name="offload.json")
+    offload.write_text(json.dumps(dict(json.loads(offload.read_text()), dit_layerwise_offload=True)))
+    import mindspeed_mm.runtime
+
+    def no_runtime(*a, **kw):
+        raise AssertionError("the process group was started before the settings were checked")
+
+    monkeypatch.setattr(mindspeed_mm.runtime, "initialize_runtime", no_runtime)
+    with pytest.raises(InferenceInputError, match="dit_layerwise_offload cannot be combined with --use-torch-compile"):
+        main(inference_argv(offload) + ["--use-torch-compile"])
 
 
 def test_launcher_writes_videos_and_grid(tiny, tmp_path):
