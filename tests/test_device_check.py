@@ -96,7 +96,11 @@ def test_dry_run_figures(dry_run):
     plan = _figures(steps["memory_plan"])
     ratios = {item: fig for (item, name), fig in plan.items() if name == "measured / planner"}
     assert len(ratios) == 4 + 3 + 2  # DiT training steps, sampling forwards (one offloaded), VAE encodes
-    assert all(fig["value"] > 0 and "not comparable" in fig["note"] for fig in ratios.values())
+    assert all("not comparable" in fig["note"] for fig in ratios.values())
+    # On the CPU the memory figures come from the process's peak RSS, a high-water mark: a later, smaller run can
+    # show no growth at all. The first DiT step cannot.
+    assert all(fig["value"] >= 0 for fig in ratios.values())
+    assert ratios["DiT activations: train, 288 tokens (3x8x12), recompute none"]["value"] > 0
     predicted = plan[("DiT activations: train, 576 tokens (6x8x12), recompute none", "planner")]["value"]
     assert predicted > plan[("DiT activations: train, 288 tokens (3x8x12), recompute none", "planner")]["value"]
 
