@@ -383,6 +383,23 @@ def _mfu_figure(record: StepRecord, item: str, result: dict, mode: dict) -> None
                       f"attention {result['attention_backend']}")
 
 
+def _dit_step_run(dit_step, record: StepRecord, item: str, argv: List[str], per_config: float,
+                  deadline: float) -> Optional[dict]:
+    """benchmarks/dit_step.py with `argv`, its result kept under `item`; None (recorded as skipped or failed) when
+    the budget has no room for it or it raises (out of memory, a kernel error: the next configuration runs)."""
+    if time.time() + per_config > deadline:
+        record.skip(item, f"budget: under {per_config:.0f} s left")
+        return None
+    try:
+        result = dit_step.run(dit_step.parse_args(argv))
+    except Exception as exc:
+        record.error(item, _exception_text(exc), traceback.format_exc())
+        _release_device_memory()
+        return None
+    record.details[item] = result
+    return result
+
+
 def step_dit_train(profile: Profile, record: StepRecord, deadline: float) -> None:
     dit_step = _load_benchmark("dit_step")
     # Recompute "block" with every block recomputed (--recompute-layers = layers): the step of a fully recomputed
@@ -391,20 +408,13 @@ def step_dit_train(profile: Profile, record: StepRecord, deadline: float) -> Non
     per_config = profile.estimate_s["dit_train"] / len(configs)
     for size, recompute in configs:
         item = f"train, {_size_label(size)}, recompute {recompute}"
-        if time.time() + per_config > deadline:
-            record.skip(item, f"budget: under {per_config:.0f} s left")
-            continue
         argv = _dit_step_argv(profile, size, profile.layers) + ["--mode", "train", "--drop-grads"]
         if recompute != "none":
             argv += ["--recompute", recompute, "--recompute-layers", str(profile.layers)]
-        try:
-            result = dit_step.run(dit_step.parse_args(argv))
-        except Exception as exc:  # out of memory, a kernel error: this configuration fails, the next one runs
-            record.error(item, _exception_text(exc), traceback.format_exc())
-            _release_device_memory()
+        result = _dit_step_run(dit_step, record, item, argv, per_config, deadline)
+        if result is None:
             continue
         train = result["train"]
-        record.details[item] = result
         record.figure(item, "step time", train["seconds"] * 1e3, "ms",
                       f"{profile.layers} blocks, hidden {profile.heads * profile.head_dim}, bf16, median of "
                       f"{profile.timed_steps}")
@@ -429,19 +439,12 @@ def step_sampling(profile: Profile, record: StepRecord, deadline: float) -> None
     resident = {}  # size -> seconds per block of the resident forward
     for size in profile.latent_sizes:
         item = f"sampling step, {_size_label(size)}, CFG batch 2"
-        if time.time() + per_config > deadline:
-            record.skip(item, f"budget: under {per_config:.0f} s left")
-            continue
         # Classifier-free guidance runs the conditional and the unconditional prediction as one batch of 2.
         argv = _dit_step_argv(profile, size, profile.layers) + ["--mode", "forward", "--batch", "2"]
-        try:
-            result = dit_step.run(dit_step.parse_args(argv))
-        except Exception as exc:
-            record.error(item, _exception_text(exc), traceback.format_exc())
-            _release_device_memory()
+        result = _dit_step_run(dit_step, record, item, argv, per_config, deadline)
+        if result is None:
             continue
         forward = result["forward"]
-        record.details[item] = result
         record.figure(item, f"forward, {profile.layers} blocks", forward["seconds"] * 1e3, "ms",
                       f"bf16, attention {result['attention_backend']}, median of {profile.timed_steps}")
         released = PredictorConfig(num_layers=profile.sampling_layers, num_heads=profile.heads,
@@ -475,18 +478,11 @@ def _sampling_offloaded(profile: Profile, record: StepRecord, deadline: float, r
     if size not in resident:
         record.skip(item, "the resident forward at this size did not run")
         return
-    if time.time() + per_config > deadline:
-        record.skip(item, f"budget: under {per_config:.0f} s left")
-        return
     argv = _dit_step_argv(profile, size, layers) + ["--mode", "forward", "--batch", "2", "--offload"]
-    try:
-        result = dit_step.run(dit_step.parse_args(argv))
-    except Exception as exc:
-        record.error(item, _exception_text(exc), traceback.format_exc())
-        _release_device_memory()
+    result = _dit_step_run(dit_step, record, item, argv, per_config, deadline)
+    if result is None:
         return
     forward = result["forward"]
-    record.details[item] = result
     per_block = forward["seconds"] / layers
     record.figure(item, f"forward, {layers} blocks", forward["seconds"] * 1e3, "ms",
                   f"blocks in pinned host memory, median of {profile.timed_steps}")
