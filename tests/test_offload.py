@@ -114,6 +114,29 @@ def test_blocks_skipped_by_the_step_cache_are_never_copied(setup):
     assert offload.max_resident == 2
 
 
+def test_host_slabs_hold_the_weights_with_little_waste():
+    """The released block's tensors, scaled down 1,024x (D = 6144 -> bf16 weights of 3D^2, D^2, D^2, 2D^2, D^2, 4D^2,
+    4D^2 and small norms), 48 blocks, in 1 MiB slabs: each host copy equals its tensor, none overlaps another, and
+    the slabs hold under 1.05x the weights (pinning tensor by tensor rounds each up to a power of two: 1.6x)."""
+    from mindspeed_mm.models.common.offload import move_to_host_slabs
+
+    d2 = 6144 * 6144 // 1024  # bf16 elements of D^2, scaled
+    shapes = [3 * d2, d2, d2, 2 * d2, d2, 4 * d2, 4 * d2, 6144, 6144, 128, 128]
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=gen).to(torch.bfloat16) for _ in range(48) for n in shapes]
+    originals = [t.clone() for t in tensors]
+    copies, slab_bytes = move_to_host_slabs(tensors, pin=False, slab_bytes=1 << 20)
+    weights = sum(t.numel() * t.element_size() for t in originals)
+    per_tensor_pinned = sum(1 << (t.numel() * t.element_size() - 1).bit_length() for t in originals)
+    assert slab_bytes < 1.05 * weights < per_tensor_pinned / 1.5
+    spans = []
+    for tensor, copy, original in zip(tensors, copies, originals):
+        assert tensor.data_ptr() == copy.data_ptr() and torch.equal(copy, original)  # moved, values kept
+        spans.append((copy.data_ptr(), copy.data_ptr() + copy.numel() * copy.element_size()))
+    spans.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
 def test_offload_refuses_training_and_settings_it_cannot_run(setup):
     _, pipeline, _ = setup
     dit = pipeline().dit
