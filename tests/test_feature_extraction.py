@@ -76,10 +76,13 @@ def test_feature_extraction_writes_loadable_features(tmp_path):
 
 
 def test_i2v_launcher_script_runs_under_torchrun(tmp_path):
-    """The seed's launcher, unchanged in structure, with its JSON paths pointed at a tiny i2v setup."""
+    """The seed's launcher, unchanged in structure, with its JSON paths pointed at a tiny i2v setup; Step-LLM's
+    layers offloaded (text_encoder_layerwise_offload, whose states tests/test_text_encoder.py checks)."""
     import socket
 
     paths = write_configs(tmp_path, "i2v")
+    model = json.loads(paths["model"].read_text())
+    paths["model"].write_text(json.dumps(dict(model, text_encoder_layerwise_offload=True)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -120,7 +120,8 @@ def build_encoders(args) -> Tuple[object, object]:
         if not model_cfg.text_encoder or not tokenizers:
             raise ArgumentError(f"{args.mm_model}: load_text_features is false, so 'text_encoder' (model JSON) and "
                                 f"the tokenizers (dataset_param.tokenizer_config) are needed.")
-        encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=current_device())
+        encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=current_device(),
+                                                    layerwise_offload=model_cfg.text_encoder_layerwise_offload)
     return vae, encoder
 
 

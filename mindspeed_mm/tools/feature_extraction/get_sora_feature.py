@@ -245,7 +245,8 @@ def extract(args, rank: int, world: int, device: torch.device, plan: Plan, datas
     if not todo:
         return counts, failures
     vae = StepVideoVAE.from_config(model_cfg.ae, device=device)
-    encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=device)
+    encoder = StepVideoTextEncoder.from_configs(model_cfg.text_encoder, tokenizers, device=device,
+                                                layerwise_offload=model_cfg.text_encoder_layerwise_offload)
     if rank == 0:
         write_empty_prompt(encoder, features.parent)
     processor = StepVideoI2VProcessor() if i2v else None
@@ -360,8 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         param = args.mm.data.dataset_param
         write_empty_prompt(StepVideoTextEncoder.from_configs(
-            args.mm.model.text_encoder, param.tokenizer_config or args.mm.model.tokenizer, device=current_device()),
-            save_root)
+            args.mm.model.text_encoder, param.tokenizer_config or args.mm.model.tokenizer, device=current_device(),
+            layerwise_offload=args.mm.model.text_encoder_layerwise_offload), save_root)
     results = [None] * world
     dist.all_gather_object(results, (dict(counts), failures))
     if rank == 0:
