@@ -226,6 +226,10 @@ class StepVideoPipeline:
 
         state = self.dit.parallel
         groups = [state.tp_group, state.cp_group] if state.initialized else []
+        if self.guided and self.cfg_group is not None:
+            # CFG parallel: the halves sum their changes too, so both take the whole batch's decision (as one
+            # process running both halves together would) instead of each deciding alone
+            groups.append(self.cfg_group)
         self.dit.step_cache = FirstBlockCache(self.first_block_cache_threshold, groups)
         return self.dit.step_cache
 

@@ -191,6 +191,7 @@ class InferenceResult:
     grid: Optional[str] = None                                # video_grid.mp4, on global rank 0
     videos: Dict[int, torch.Tensor] = field(default_factory=dict)   # uint8 (T, H, W, 3), with keep_videos
     latents: Dict[int, torch.Tensor] = field(default_factory=dict)  # float32 (f, c, h, w), with keep_videos
+    cache_stats: List = field(default_factory=list)  # with the step cache: (full, reused) steps per batch
 
 
 def cfg_parallel_group(args):
@@ -329,6 +330,8 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
         latents = pipe.generate(text=text.select([row_of[i] for i in batch]), seeds=[args.seed + i for i in batch],
                                 images=None if plan.images is None else [plan.images[i] for i in batch],
                                 output="latent")
+        if pipe.last_cache_stats is not None:
+            result.cache_stats.append(pipe.last_cache_stats)
         # CFG parallel: the unconditional half holds the same latents; only the conditional half decodes them
         videos = pipe.decode(latents) if cfg_rank == 0 else None
         if saver:

@@ -264,6 +264,22 @@ def case_inference_cfg_parallel_matches_one_process():
     assert (out.saved != []) == (dist.get_rank() == 0) and (out.videos != {}) == (dist.get_rank() == 0)
     reference = _local_reference(root / "cfg.json", prompts, seeds=[11, 12])
     _assert_same_latents(out.latents, reference, "CFG parallel")
+
+    # With the first-block cache both halves take the decision of the whole batch (the change summed over the
+    # pair), so they skip the same steps as one process running both halves together.
+    if dist.get_rank() == 0:
+        cfg = json.loads((root / "cfg.json").read_text())
+        cfg["pipeline_config"]["first_block_cache_threshold"] = 0.3
+        cfg["diffusion"]["num_inference_timesteps"] = 8
+        (root / "cfg_cache.json").write_text(json.dumps(dict(cfg, dit_layerwise_offload=False)))
+    dist.barrier()
+    cached = run_inference(parse_args(inference_argv(root / "cfg_cache.json", mbs=2, seed=11) + ["--use-cfg-parallel"],
+                                      entry="inference"), keep_videos=True)
+    reference = _local_reference(root / "cfg_cache.json", prompts, seeds=[11, 12])
+    assert cached.cache_stats == [_last_cache_stats[0]], (cached.cache_stats, _last_cache_stats[0])
+    full, reused = _last_cache_stats[0]
+    assert full >= 2 and reused >= 1, (full, reused)
+    _assert_same_latents(cached.latents, reference, "CFG parallel with the step cache")
     dist.barrier()
 
 

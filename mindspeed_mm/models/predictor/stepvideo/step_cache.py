@@ -7,10 +7,11 @@ barely changed (the idea of first-block cache / TeaCache).
 
 At every step the first block runs. Its residual (output - input) is compared with the first block's residual at
 the last step that ran every block: relative L1 change = sum |r - r_ref| / sum |r_ref| over all tokens (summed over
-the tensor and context parallel groups, so every rank decides alike). Below `threshold` the remaining blocks are
-skipped and their residual from that step is added instead; at or above it every block runs and both residuals are
-stored. Consecutive skips compare with the same reference, so the change accumulates until a full step is forced.
-A threshold of 0 never skips (the cache is then exact; `StepVideoPipeline` does not install it at all).
+the tensor and context parallel groups and, under CFG parallel, the pair of halves, so every rank decides alike).
+Below `threshold` the remaining blocks are skipped and their residual from that step is added instead; at or above
+it every block runs and both residuals are stored. Consecutive skips compare with the same reference, so the change
+accumulates until a full step is forced. A threshold of 0 never skips (the cache is then exact;
+`StepVideoPipeline` does not install it at all).
 
 Memory: two activations of the block stream (b, s_local, D) on top of sampling's own, at 75,888 tokens x 6144 in
 bf16 with guidance about 1.9 GB each per rank at CP 1. Only for sampling: with gradients enabled the DiT ignores it.
