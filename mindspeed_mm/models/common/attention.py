@@ -116,13 +116,16 @@ def attention(q, k, v, mask: Optional[torch.Tensor] = None, backend: str = "auto
     sample's length (one call when every sample has the same length, else one per sample), so every backend takes
     its mask-free kernel (flash-attn and the NPU kernel included) and skips the padded keys' work. Equal to the
     masked call; under torch.compile the masked call runs (the lengths would need a host sync in the graph)."""
-    impl = _IMPLS[resolve_backend(backend, q.device)]
+    name = resolve_backend(backend, q.device)
+    impl = _IMPLS[name]
     if mask is not None and mask.dim() == 2 and not torch.compiler.is_compiling():
         lengths = key_lengths(mask)
         if lengths is not None and min(lengths) > 0:
+            # the NPU kernel takes dense BSND inputs; the others take the cut views as they are
+            cut = (lambda t: t.contiguous()) if name == "npu" else (lambda t: t)
             if len(set(lengths)) == 1:
                 n = lengths[0]
-                return impl(q, k[:, :n], v[:, :n], None, scale)
-            return torch.cat([impl(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], None, scale)
+                return impl(q, cut(k[:, :n]), cut(v[:, :n]), None, scale)
+            return torch.cat([impl(q[i:i + 1], cut(k[i:i + 1, :n]), cut(v[i:i + 1, :n]), None, scale)
                               for i, n in enumerate(lengths)])
     return impl(q, k, v, mask, scale)
