@@ -238,9 +238,12 @@ def build_pipeline(args, device, group, text_encoder=None):
         layers = load_adapter(dit, adapter, scale, log=logger.info)
         logger.info("LoRA adapter %s applied (unmerged) to %d layers, scale %g", adapter, len(layers), scale)
     if offload:
+        start = time.time()
+        logger.info("dit_layerwise_offload: packing the DiT's blocks into pinned host memory ...")
         blocks = dit.offload_blocks(device)
-        logger.info("dit_layerwise_offload: %d blocks (%.2f GiB) stay in host memory; at most two are on the "
-                    "device at a time", len(blocks.blocks), blocks.host_bytes() / 2 ** 30)
+        logger.info("dit_layerwise_offload: %d blocks (%.2f GiB in %.2f GiB of host buffers, %.0f s) stay in host "
+                    "memory; at most two are on the device at a time", len(blocks.blocks),
+                    blocks.host_bytes() / 2 ** 30, blocks.slab_bytes / 2 ** 30, time.time() - start)
     vae = StepVideoVAE.from_config(model.ae, device=device)
     scheduler = FlowMatchScheduler.from_config(model.diffusion)
     return StepVideoPipeline.from_config(model, dit, vae, text_encoder, scheduler, group=group)
