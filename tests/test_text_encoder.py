@@ -299,6 +299,21 @@ def test_text_encoding_with_step_llm_layers_offloaded(tiny_weights, tmp_path):
     assert torch.equal(again[0], plain[0][:1])
 
 
+def test_step_llm_loads_onto_its_device_unless_its_layers_are_offloaded(tiny_weights, monkeypatch):
+    """from_configs(device=...) loads Step-LLM shard by shard onto the device (no whole host copy); with
+    layerwise_offload it loads on the host, where its layers stay."""
+    from mindspeed_mm.models.text_encoder.step_llm import StepLLMEncoder
+
+    encoders, tokenizers = _configs(tiny_weights)
+    seen, load = [], StepLLMEncoder.from_pretrained.__func__
+    monkeypatch.setattr(StepLLMEncoder, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: seen.append(kw.get("device")) or load(cls, *a, **kw)))
+    StepVideoTextEncoder.from_configs(encoders, tokenizers, device="cpu")
+    StepVideoTextEncoder.from_configs(encoders, tokenizers, device="cpu", layerwise_offload=True)
+    StepVideoTextEncoder.from_configs(encoders, tokenizers)
+    assert seen == ["cpu", None, None]
+
+
 def test_text_encoding_config_errors(tiny_weights, tmp_path):
     encoders, tokenizers = _configs(tiny_weights)
     with pytest.raises(ValueError, match=r"text_encoder list must hold two entries with model_id 'StepLLmModel' "

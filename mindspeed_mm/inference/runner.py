@@ -269,8 +269,9 @@ def encode_plan_prompts(args, plan: InferencePlan, indices: Sequence[int], devic
     encoder, states = None, None
     if group_size(group) == 1 or dist.get_rank(group) == 0:
         positive, negative = magic_strings(pc.model_type, pc.positive_magic, pc.negative_magic)
+        # unload_text_encoder: run_inference drops the encoders once this returns, which frees the device without
+        # copying 39 GB to the host first (unload_after_use would)
         encoder = StepVideoTextEncoder.from_configs(model.text_encoder, model.tokenizer, device=device,
-                                                    unload_after_use=model.unload_text_encoder,
                                                     layerwise_offload=model.text_encoder_layerwise_offload)
         text = encode_conditions(encoder, [plan.prompts[p * plan.videos_per_prompt] for p in distinct], positive,
                                  negative, guided=guided, batch_size=TEXT_ENCODER_BATCH)
@@ -318,9 +319,9 @@ def run_inference(args, keep_videos: bool = False, save_latents: Optional[bool] 
     if mine:  # a DP group without videos (more groups than videos) loads nothing
         encoder, text, rows = encode_plan_prompts(args, plan, mine, device, group)
         if args.mm.model.unload_text_encoder:
-            # Every prompt of this rank is encoded: drop the encoders rather than hold them in host memory through
-            # sampling (38 GB a rank at the released size, times the ranks of a node). Offload hooks form reference
-            # cycles, hence the collection.
+            # Every prompt of this rank is encoded: drop the encoders (38 GB at the released size), freeing the
+            # device for the DiT without a copy to the host. Offload hooks form reference cycles, hence the
+            # collection.
             encoder = None
             gc.collect()
         pipe = build_pipeline(args, device, group, encoder)

@@ -243,6 +243,7 @@ def case_inference_cfg_parallel_matches_one_process():
     from mindspeed_mm.models.text_encoder import StepVideoTextEncoder
 
     encoders, alive, build, generate = [], [], StepVideoTextEncoder.from_configs, StepVideoPipeline.generate
+    unloads, unload = [], StepVideoTextEncoder.offload  # dropped, not first copied to the host
 
     def from_configs(*a, **kw):
         encoder = build(*a, **kw)
@@ -254,12 +255,14 @@ def case_inference_cfg_parallel_matches_one_process():
         return generate(self, *a, **kw)
 
     StepVideoTextEncoder.from_configs, StepVideoPipeline.generate = from_configs, sampling
+    StepVideoTextEncoder.offload = lambda self: unloads.append(1) or unload(self)
     try:
         out = run_inference(parse_args(inference_argv(root / "cfg.json", mbs=2, seed=11) + ["--use-cfg-parallel"],
                                        entry="inference"), keep_videos=True)
     finally:
         StepVideoTextEncoder.from_configs, StepVideoPipeline.generate = build, generate
-    assert encoders and alive == [False]
+        StepVideoTextEncoder.offload = unload
+    assert encoders and alive == [False] and unloads == []
     assert out.indices == [0, 1]
     assert (out.saved != []) == (dist.get_rank() == 0) and (out.videos != {}) == (dist.get_rank() == 0)
     reference = _local_reference(root / "cfg.json", prompts, seeds=[11, 12])

@@ -59,7 +59,10 @@ class StepVideoTextEncoder(nn.Module):
             raise _pairing_error("text_encoder", [e.model_id for e in encoders])
         if [t.autotokenizer_name for t in tokenizers] != [t for _, t in _EXPECTED]:
             raise _pairing_error("tokenizer", [t.autotokenizer_name for t in tokenizers])
-        llm = StepLLMEncoder.from_pretrained(encoders[0].from_pretrained, dtype=encoders[0].dtype)
+        # Step-LLM straight onto its device, shard by shard (the host never holds its 39 GB), unless its layers
+        # are to stay in host memory anyway
+        llm = StepLLMEncoder.from_pretrained(encoders[0].from_pretrained, dtype=encoders[0].dtype,
+                                             device=None if layerwise_offload else device)
         clip = HunyuanClipEncoder.from_pretrained(encoders[1].from_pretrained, dtype=encoders[1].dtype)
         return cls(llm, clip, build_tokenizer(tokenizers[0]), build_tokenizer(tokenizers[1]),
                    device=device, unload_after_use=unload_after_use, layerwise_offload=layerwise_offload)
