@@ -72,7 +72,8 @@ def pretrain(argv: Optional[Sequence[str]] = None, spec: TrainSpec = PRETRAIN) -
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from ..data import build_dataloader, build_dataset, build_tokenizers
-    from ..runtime import initialize_runtime
+    from ..runtime import current_device, initialize_runtime
+    from .profiling import TrainingProfiler
 
     args = parse_args(argv, entry=spec.entry)
     initialize_runtime(args.tensor_model_parallel_size, args.context_parallel_size,
@@ -86,6 +87,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, spec: TrainSpec = PRETRAIN) -
     dist.barrier()
     if args.save and dist.get_world_size() > 1:
         check_shared_folder(args.save)  # before hours of training, not at the first save
+    profiler = TrainingProfiler.from_config(args.mm.tool, dist.get_rank(), current_device())  # checks its settings
     model, loss_fn = spec.build(args)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
                                                overlap_param_gather=args.overlap_param_gather,
@@ -142,6 +144,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, spec: TrainSpec = PRETRAIN) -
     encode_in_group = getattr(model, "encodes_in_group", False)
     try:
         while iteration < args.train_iters:
+            profiler.start_iteration()
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             losses, extras = [], {}
@@ -172,6 +175,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, spec: TrainSpec = PRETRAIN) -
             ok, grad_norm, _ = optimizer.step()
             iteration += 1
             consumed += args.global_batch_size
+            profiler.step()
             if ok:
                 scheduler.step(increment=1)
             else:
@@ -207,6 +211,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, spec: TrainSpec = PRETRAIN) -
         if args.overlap_param_gather:  # leave the module with its updated parameters (callers read them)
             ddp.disable_forward_pre_hook(param_sync=True)
     finally:
+        profiler.close()
         metrics.close()
     return {"iteration": iteration, "loss": last_loss, "consumed_samples": consumed,
             "skipped_rows": len(skipped_rows)}
