@@ -281,6 +281,10 @@ def test_encoder_dp_holds_the_iterations_features():
     assert plan_memory(shape, work, layout, raw=None).held == {}
     # TP x CP = 1: every rank encodes its own micro-batches, nothing is shared (the model's notice: no effect).
     assert plan_memory(shape, work, Layout(1, 1, 4), raw=replace(raw, encoder_dp=True, global_batch=8)).held == {}
+    # text_encoder_layerwise_offload: Step-LLM's layers leave the device but two.
+    offloaded = plan_memory(shape, work, layout, raw=replace(raw, text_encoder_layerwise_offload=True))
+    llm = StepLLMShape()
+    assert off.persistent_total - offloaded.persistent_total == (llm.num_layers - 2) * llm.layer_parameters() * 2
 
 
 def test_fits_are_cheapest_first_and_use_the_least_recompute():

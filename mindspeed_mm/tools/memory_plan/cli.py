@@ -207,7 +207,8 @@ def _raw_video(args, vae: VAEShape, video: Tuple[int, int, int], notes: List[str
                          f"(load_video_features and load_text_features true), so no encoder runs")
         return None
     raw = RawVideo(num_frames=video[0], height=video[1], width=video[2], encoder_dp=bool(model.enable_encoder_dp),
-                   global_batch=args.global_batch_size)
+                   global_batch=args.global_batch_size,
+                   text_encoder_layerwise_offload=bool(model.text_encoder_layerwise_offload))
     fields = {}
     if not model.load_video_features:
         if model.ae is None:

@@ -123,6 +123,16 @@ class StepLLMShape:
     def parameters(self) -> int:
         return self.padded_vocab_size * self.hidden_size + self.num_layers * self.layer_parameters()
 
+    def device_parameters(self, layerwise_offload: bool = False) -> int:
+        """On the device: all of them, or with text_encoder_layerwise_offload the embedding and two layers (the
+        running one and the prefetched next, models/common/offload.py)."""
+        if not layerwise_offload:
+            return self.parameters()
+        return self.parameters() - (self.num_layers - 2) * self.layer_parameters()
+
+    def device_label(self, layerwise_offload: bool = False) -> str:
+        return f"2 of {self.num_layers} layers + the rest (offload)" if layerwise_offload else ""
+
     def forward_working_bytes(self, batch: int, tokens: int, element_bytes: int) -> int:
         """One layer's forward without autograd: the SwiGLU's (b, L, 2 x inner) projection and its product, the
         residual stream, and the (b, heads, L, L) float32 attention bias and scores."""

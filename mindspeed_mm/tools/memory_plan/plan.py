@@ -139,6 +139,7 @@ class RawVideo:
     width: int = 0
     step_llm: Optional[StepLLMShape] = None  # None: the data hold text states (load_text_features true)
     step_llm_bytes: int = 2
+    text_encoder_layerwise_offload: bool = False  # Step-LLM's layers in host memory, two on the device
     clip: Optional[BertShape] = None
     clip_bytes: int = 4
     # enable_encoder_dp (TP x CP > 1): each micro-batch of the iteration is encoded by one rank of its TP x CP group
@@ -233,7 +234,10 @@ def _persistent(shape: DiTShape, layout: Layout, training: Training, raw: Option
         if raw.vae is not None:
             out["Video-VAE (frozen)"] = raw.vae_parameters * raw.vae_bytes
         if raw.step_llm is not None:
-            out["step_llm text encoder (frozen)"] = raw.step_llm.parameters() * raw.step_llm_bytes
+            offload = raw.text_encoder_layerwise_offload
+            label = raw.step_llm.device_label(offload)
+            out["step_llm text encoder (frozen" + (f"; {label})" if label else ")")] = (
+                raw.step_llm.device_parameters(offload) * raw.step_llm_bytes)
         if raw.clip is not None:
             out["HunyuanCLIP text encoder (frozen)"] = raw.clip.parameters() * raw.clip_bytes
     return out
@@ -485,12 +489,11 @@ class SamplingPlan:
 
 def _text_encoder_weights(run: Sampling) -> Dict[str, int]:
     out = {}
-    if run.step_llm is not None and run.text_encoder_layerwise_offload:
-        llm = run.step_llm
-        out[f"step_llm weights: 2 of {llm.num_layers} layers + the rest (offload)"] = (
-            llm.parameters() - (llm.num_layers - 2) * llm.layer_parameters()) * run.step_llm_bytes
-    elif run.step_llm is not None:
-        out["step_llm weights"] = run.step_llm.parameters() * run.step_llm_bytes
+    if run.step_llm is not None:
+        offload = run.text_encoder_layerwise_offload
+        label = run.step_llm.device_label(offload)
+        out["step_llm weights" + (f": {label}" if label else "")] = (
+            run.step_llm.device_parameters(offload) * run.step_llm_bytes)
     if run.clip is not None:
         out["HunyuanCLIP weights"] = run.clip.parameters() * run.clip_bytes
     return out
