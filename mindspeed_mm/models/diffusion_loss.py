@@ -170,7 +170,9 @@ class DiffusionLossModel(MegatronModule):
                 states, masks = self._text_encoder.module([""])
             self._empty_prompt = ([s.detach() for s in states], [m.detach() for m in masks])
         device = self.predictor.device
-        return [s.to(device) for s in self._empty_prompt[0]], [m.to(device) for m in self._empty_prompt[1]]
+        if self._empty_prompt[0][0].device != device:  # moved once, not at every dropped caption
+            self._empty_prompt = tuple([t.to(device) for t in part] for part in self._empty_prompt)
+        return self._empty_prompt
 
     def drop_captions(self, prompt: List[torch.Tensor], mask: List[torch.Tensor], generator
                       ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:

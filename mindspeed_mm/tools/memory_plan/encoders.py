@@ -130,9 +130,6 @@ class StepLLMShape:
             return self.parameters()
         return self.parameters() - (self.num_layers - 2) * self.layer_parameters()
 
-    def device_label(self, layerwise_offload: bool = False) -> str:
-        return f"2 of {self.num_layers} layers + the rest (offload)" if layerwise_offload else ""
-
     def forward_working_bytes(self, batch: int, tokens: int, element_bytes: int) -> int:
         """One layer's forward without autograd: the SwiGLU's (b, L, 2 x inner) projection and its product, the
         residual stream, and the (b, heads, L, L) float32 attention bias and scores."""

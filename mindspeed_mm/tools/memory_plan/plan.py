@@ -233,13 +233,20 @@ def _persistent(shape: DiTShape, layout: Layout, training: Training, raw: Option
     if raw is not None:
         if raw.vae is not None:
             out["Video-VAE (frozen)"] = raw.vae_parameters * raw.vae_bytes
-        if raw.step_llm is not None:
-            offload = raw.text_encoder_layerwise_offload
-            label = raw.step_llm.device_label(offload)
-            out["step_llm text encoder (frozen" + (f"; {label})" if label else ")")] = (
-                raw.step_llm.device_parameters(offload) * raw.step_llm_bytes)
-        if raw.clip is not None:
-            out["HunyuanCLIP text encoder (frozen)"] = raw.clip.parameters() * raw.clip_bytes
+        out.update(text_encoder_weights(raw, " text encoder (frozen)"))
+    return out
+
+
+def text_encoder_weights(encoders, kind: str) -> Dict[str, int]:
+    """The device bytes of Step-LLM and HunyuanCLIP for a `RawVideo` or a `Sampling` (both carry step_llm, clip,
+    their bytes and text_encoder_layerwise_offload), labelled "<name><kind>"."""
+    out = {}
+    if encoders.step_llm is not None:
+        offload = encoders.text_encoder_layerwise_offload
+        note = f" (offload: 2 of {encoders.step_llm.num_layers} layers + the rest)" if offload else ""
+        out[f"step_llm{kind}{note}"] = encoders.step_llm.device_parameters(offload) * encoders.step_llm_bytes
+    if encoders.clip is not None:
+        out[f"HunyuanCLIP{kind}"] = encoders.clip.parameters() * encoders.clip_bytes
     return out
 
 
@@ -487,18 +494,6 @@ class SamplingPlan:
         return self.phase_total(self.peak_phase) if self.valid else None
 
 
-def _text_encoder_weights(run: Sampling) -> Dict[str, int]:
-    out = {}
-    if run.step_llm is not None:
-        offload = run.text_encoder_layerwise_offload
-        label = run.step_llm.device_label(offload)
-        out["step_llm weights" + (f": {label}" if label else "")] = (
-            run.step_llm.device_parameters(offload) * run.step_llm_bytes)
-    if run.clip is not None:
-        out["HunyuanCLIP weights"] = run.clip.parameters() * run.clip_bytes
-    return out
-
-
 def decode_moments(run: Sampling, layout: Layout, latent_frames: int) -> Dict[str, int]:
     """The decode's moments beyond the weights and latents (StepVideoVAE.decode, then to_uint8), in bytes.
 
@@ -543,7 +538,7 @@ def plan_sampling(shape: DiTShape, workload: Workload, layout: Layout, run: Samp
         return plan
     a = run.dit_bytes
     plan.parameters_rank = dit_parameters(shape).per_rank(layout.tp)
-    encoders = _text_encoder_weights(run)
+    encoders = text_encoder_weights(run, " weights")
     working = [0]
     if run.step_llm is not None:
         working.append(run.step_llm.forward_working_bytes(TEXT_ENCODER_BATCH, workload.llm_tokens,
